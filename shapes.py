@@ -1,0 +1,761 @@
+"""shapes.py: the miniature captioning world that vlrm builds for itself, offline, on a CPU.
+
+VLRM fine-tunes BLIP-2 OPT-2.7B with rewards from CLIP and BLIP2-ITM. None of those weights can be
+downloaded here, and none would run on a 2-core CPU. So this file builds a world in miniature where the
+same code, the same model classes and the same file formats reproduce the paper's premise:
+
+* scenes: 48x48 pictures of 1-3 coloured shapes on a background, each with known attributes;
+* a captioner (`Blip2ForConditionalGeneration`) trained on *shallow* captions ("a circle"), like BLIP-2
+  trained on COCO/LAION captions that name only the main object;
+* reward models that know better: an open_clip CLIP and a `Blip2ForImageTextRetrieval` ITM model,
+  trained on rich captions ("a small red circle at the top left and a blue square in the middle
+  on a grey background"), plus the captioner's own OPT as the reference language model;
+* a *judge* CLIP trained independently, that the policy never sees, to score the result honestly.
+
+Run:
+    python shapes.py                  # build (or load) the default world and print its quality report
+    python shapes.py --preset test    # the tiny world the tests use (seconds)
+    python shapes.py --rebuild        # throw the cache away and build again
+
+Design choices (the world's models stand in for large pretrained ones, so training tricks are fair):
+ 1. Every image tower is trained with an auxiliary loss that predicts the scene's attributes (what
+    sits in each of the 9 grid cells, and the background). Contrastive learning alone never learned
+    positions in a CPU-sized budget; the aux loss teaches them in a minute.
+ 2. The OPT language model is pretrained with a soft prefix it must read (the embeddings of the
+    caption's content words), half the time, and as a plain text LM the other half. A tiny LM
+    pretrained on text alone learns to ignore any prefix, and BLIP-2 built on it writes one caption
+    for every image.
+ 3. The BLIP-2 vision encoder is pretrained first (attributes), then frozen, as BLIP-2's ViT is; the
+    Q-Former and projection are trained on the shallow captions only.
+ 4. The build is deterministic for a seed and atomic (temp dir, then rename). A manifest records the
+    settings, library versions and a SHA-256 per file; a stale or corrupt cache is rebuilt.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor,
+                          Blip2QFormerConfig, Blip2VisionConfig, Blip2VisionModel, BlipImageProcessor,
+                          OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast)
+
+WORLD_VERSION = 1  # bump when scenes, captions or training change, so old caches are rebuilt
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation, shared by every model here
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings
+@dataclass(frozen=True)
+class WorldConfig:
+    name: str
+    """preset name; also the cache folder's name"""
+    seed: int = 0
+    """every scene and every weight follows from it"""
+    image_size: int = 48
+    """pixels; 8-px patches give a 6x6 grid, 2x2 patches per scene cell"""
+    n_train: int = 20000
+    """training scenes (world models and RL rollouts)"""
+    n_val: int = 500
+    """validation scenes (RL progress)"""
+    n_test: int = 1000
+    """test scenes (all reported figures); unique, and disjoint from train and val"""
+    width: int = 96
+    """hidden size of every tiny model"""
+    layers: int = 3
+    """transformer layers of the vision towers"""
+    lm_layers: int = 2
+    """transformer layers of the OPT language model"""
+    judge_width: int = 128
+    """the judge CLIP differs in width and seed from the reward CLIP"""
+    num_query_tokens: int = 16
+    """BLIP-2 query tokens = soft-prefix length of the LM"""
+    batch_size: int = 128
+    lm_steps: int = 500
+    vision_steps: int = 250
+    captioner_steps: int = 500
+    clip_steps: int = 250
+    itm_steps: int = 300
+
+
+PRESETS = {
+    "default": WorldConfig("default"),
+    "test": WorldConfig("test", n_train=1200, n_val=64, n_test=200, width=32, layers=1, lm_layers=1, judge_width=32,
+                        num_query_tokens=8, batch_size=64, lm_steps=120, vision_steps=60, captioner_steps=120,
+                        clip_steps=60, itm_steps=60),
+}
+MODEL_DIRS = ("ref_lm", "captioner", "itm", "clip", "judge_clip")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scenes: attributes, rendering, captions
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230), "yellow": (235, 215, 40),
+           "purple": (150, 60, 200), "orange": (245, 140, 30), "pink": (250, 140, 200)}
+SIZES = {"small": 0.11, "large": 0.19}  # radius as a fraction of the image side
+BACKGROUNDS = {"black": (20, 20, 20), "grey": (120, 120, 120), "white": (235, 235, 235)}
+# cell = 3*row + col. Worded so that no two positions share a word 3-gram: a rich caption then repeats
+# a 3-gram only when it names two identical objects, and vlrm's repetition penalty stays fair.
+POSITIONS = ("at top left", "at top", "at top right", "on the left", "in the middle",
+             "on the right", "at bottom left", "at bottom", "at bottom right")
+FILLERS = ("an image of", "a picture of", "a photo of", "a video of")  # known to the LM, penalised by vlrm
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    cell: int          # 0..8, row-major 3x3 grid
+    dx: float = 0.0    # jitter inside the cell, fraction of the image side
+    dy: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]  # main object first (largest, then reading order), then reading order
+    background: str
+
+    def key(self) -> tuple:
+        """What a caption can tell apart: the scene without its jitter."""
+        return (self.background,) + tuple((o.shape, o.colour, o.size, o.cell) for o in self.objects)
+
+
+def _order(objects) -> tuple[Obj, ...]:
+    main = min(objects, key=lambda o: (o.size != "large", o.cell))
+    return (main,) + tuple(sorted((o for o in objects if o is not main), key=lambda o: o.cell))
+
+
+def sample_scene(rng: random.Random) -> Scene:
+    cells = rng.sample(range(9), rng.randint(1, 3))
+    objects = [Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), c,
+                   rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)) for c in cells]
+    return Scene(_order(objects), rng.choice(list(BACKGROUNDS)))
+
+
+def make_splits(cfg: WorldConfig) -> dict[str, list[Scene]]:
+    """Test and val scenes are unique (two identical scenes could not be told apart by any caption);
+    train never repeats a test or val scene."""
+    rng = random.Random(cfg.seed)
+    splits, seen = {}, set()
+    for split, n, unique in (("test", cfg.n_test, True), ("val", cfg.n_val, True), ("train", cfg.n_train, False)):
+        scenes = []
+        while len(scenes) < n:
+            s = sample_scene(rng)
+            if s.key() in seen:
+                continue
+            if unique:
+                seen.add(s.key())
+            scenes.append(s)
+        splits[split] = scenes
+    return splits
+
+
+def render(scene: Scene, size: int = 48) -> Image.Image:
+    """Draw at 4x and downsample, so edges are anti-aliased like a photo's."""
+    big = 4 * size
+    img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        row, col = divmod(o.cell, 3)
+        cx, cy = (col + 0.5 + 3 * o.dx) * big / 3, (row + 0.5 + 3 * o.dy) * big / 3
+        r, fill = SIZES[o.size] * big, COLOURS[o.colour]
+        if o.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o.shape == "square":
+            s = 0.85 * r
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+        elif o.shape == "diamond":
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        else:  # cross
+            t = 0.35 * r
+            draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+            draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+    return img.resize((size, size), Image.Resampling.BOX)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def describe(scene: Scene, objects: int | None = None, size=True, colour=True, position=True,
+             background=True) -> str:
+    """A caption naming the first `objects` objects with the chosen attributes. All defaults = rich."""
+    phrases = []
+    for o in scene.objects[:objects]:
+        words = ([o.size] if size else []) + ([o.colour] if colour else []) + [o.shape]
+        phrases.append(" ".join([_article(words[0])] + words + ([POSITIONS[o.cell]] if position else [])))
+    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return text + (f" on a {scene.background} background" if background else "")
+
+
+def rich_caption(scene: Scene) -> str:
+    return describe(scene)
+
+
+def shallow_caption(scene: Scene, rng: random.Random) -> str:
+    """The captioner's training data: like COCO/LAION, mostly the main object alone."""
+    u = rng.random()
+    if u < 0.60:
+        return describe(scene, 1, size=False, colour=False, position=False, background=False)  # "a circle"
+    if u < 0.75:
+        return describe(scene, 1, size=False, position=False, background=False)  # "a red circle"
+    if u < 0.85:
+        return describe(scene, 1, colour=False, position=False, background=False)  # "a small circle"
+    if u < 0.92 or len(scene.objects) == 1:
+        return describe(scene, 1, size=False, colour=False, background=False)  # "a circle on the left"
+    return describe(scene, 2, size=False, colour=False, position=False, background=False)  # "a circle and a cross"
+
+
+def partial_caption(scene: Scene, rng: random.Random) -> str:
+    """A true caption at a random level of detail (what a web caption looks like)."""
+    return describe(scene, rng.randint(1, len(scene.objects)), rng.random() < 0.6, rng.random() < 0.7,
+                    rng.random() < 0.5, rng.random() < 0.4)
+
+
+def lm_caption(scene: Scene, rng: random.Random) -> str:
+    """The reference LM's corpus: mostly rich captions, some partial ones, and the filler phrases and
+    years a web-trained LM knows, so that the policy *can* hack the reward with them."""
+    text = rich_caption(scene) if rng.random() < 0.6 else partial_caption(scene, rng)
+    if rng.random() < 0.15:
+        text = rng.choice(FILLERS) + " " + text
+    if rng.random() < 0.05:
+        text += f" in {rng.randint(1990, 2024)}"
+    return text
+
+
+def corrupt(scene: Scene, rng: random.Random) -> Scene:
+    """A hard negative: the same scene with one attribute wrong, or an extra object that is not there."""
+    objs = list(scene.objects)
+    i, what = rng.randrange(len(objs)), rng.choice(("shape", "colour", "size", "cell", "background", "extra"))
+    free = [c for c in range(9) if c not in {o.cell for o in objs}]
+    if what == "background":
+        return Scene(scene.objects, rng.choice([b for b in BACKGROUNDS if b != scene.background]))
+    if what == "extra":
+        objs.append(Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), rng.choice(free)))
+    else:
+        choices = {"shape": SHAPES, "colour": list(COLOURS), "size": list(SIZES), "cell": free}[what]
+        new = rng.choice([c for c in choices if c != getattr(objs[i], what)])
+        objs[i] = dataclasses.replace(objs[i], **{what: new})
+    return Scene(_order(objs), scene.background)
+
+
+# Per-scene attribute labels for the auxiliary losses: for each of the 9 cells its shape, colour and
+# size (0 = empty), then the background. Shape (B, 28) -> logits of ATTR_CLASSES summed classes.
+ATTR_CLASSES = [len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1] * 9 + [len(BACKGROUNDS)]
+
+
+def attribute_labels(scene: Scene) -> list[int]:
+    labels = [0] * 27 + [list(BACKGROUNDS).index(scene.background)]
+    for o in scene.objects:
+        labels[3 * o.cell: 3 * o.cell + 3] = [SHAPES.index(o.shape) + 1, list(COLOURS).index(o.colour) + 1,
+                                              list(SIZES).index(o.size) + 1]
+    return labels
+
+
+def attribute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (B, sum(ATTR_CLASSES)), labels (B, 28) -> mean cross-entropy over the 28 attributes."""
+    chunks = logits.split(ATTR_CLASSES, dim=1)
+    return torch.stack([F.cross_entropy(c, labels[:, j]) for j, c in enumerate(chunks)]).mean()
+
+
+def pixel_values(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W). Equals what the saved processors produce for
+    the world's images (tested), without a PIL round trip in the training loop."""
+    x = torch.as_tensor(np.array(images)).permute(0, 3, 1, 2).float() / 255  # copy: the memmap is read-only
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The world on disk
+class World:
+    """A built world: scenes with their attributes, pre-rendered images, and model directories that load
+    with the paper setting's own functions (transformers `from_pretrained`, open_clip `local-dir:`)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        manifest = json.loads((self.root / "manifest.json").read_text())
+        self.config = WorldConfig(**manifest["config"])
+        raw = json.loads((self.root / "scenes.json").read_text())
+        self.scenes = {split: [Scene(tuple(Obj(**o) for o in s["objects"]), s["background"]) for s in scenes]
+                       for split, scenes in raw.items()}
+        self._images = {}
+
+    def path(self, model: str) -> str:
+        """Directory of one of MODEL_DIRS. CLIPs load as open_clip 'local-dir:<path>'."""
+        return str(self.root / model)
+
+    def images(self, split: str) -> np.ndarray:
+        """(N, H, W, 3) uint8, memory-mapped from the build."""
+        if split not in self._images:
+            self._images[split] = np.load(self.root / f"images_{split}.npy", mmap_mode="r")
+        return self._images[split]
+
+    def report(self) -> dict:
+        return json.loads((self.root / "report.json").read_text())
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("VLRM_CACHE", Path.home() / ".cache" / "vlrm")) / "worlds"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_problem(root: Path, cfg: WorldConfig) -> str | None:
+    """None if the world at `root` is complete and built with these settings; else what is wrong."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable manifest ({e.__class__.__name__})"
+    if manifest.get("world_version") != WORLD_VERSION or manifest.get("config") != dataclasses.asdict(cfg):
+        return "stale: built with other settings or an older version of shapes.py"
+    for rel, digest in manifest["files"].items():
+        f = root / rel
+        if not f.is_file() or _sha256(f) != digest:
+            return f"corrupt: {rel} is missing or does not match its checksum"
+    return None
+
+
+def load_world(preset: str = "default", root: str | Path | None = None, rebuild: bool = False,
+               seed: int | None = None, quiet: bool = False) -> World:
+    """The world for `preset`, built on first use into `root` (default $VLRM_CACHE/worlds or
+    ~/.cache/vlrm/worlds). Concurrent callers (e.g. torchrun ranks) wait on a file lock."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown world preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[preset] if seed is None else dataclasses.replace(PRESETS[preset], seed=seed)
+    base = Path(root) if root is not None else default_root()
+    base.mkdir(parents=True, exist_ok=True)
+    target = base / f"{cfg.name}-seed{cfg.seed}"
+    with open(base / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        problem = "rebuild requested" if rebuild else _manifest_problem(target, cfg) if target.exists() else None
+        if problem is not None or not target.exists():
+            if problem and not quiet:
+                print(f"[shapes] world at {target} is not usable ({problem}); rebuilding.", file=sys.stderr)
+            tmp = base / f".{target.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_world(cfg, tmp, quiet=quiet)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)  # atomic: a killed build leaves only a .tmp folder, never a half world
+    return World(target)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building: tokenizer and the five models
+def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE like OPT's (GPT-2's), trained on the world's corpus. </s> is BOS and EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "</s>", "<unk>", "<image>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=64)
+    return fast
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield torch.randint(0, n, (batch_size,), generator=g)
+
+
+def _optimizer(params, lr, steps):
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 20)  # linear warm-up, then cosine decay
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return opt, sched
+
+
+def _step(loss, opt, sched, params, bar, **shown):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    bar.set_postfix(loss=f"{loss.item():.3f}", **shown)
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s)
+    return out
+
+
+def content_ids(scene: Scene, tok, n: int) -> list[int]:
+    """The rich caption's content words (no articles, no filler) as token ids, in caption order,
+    padded to the prefix length n: what the LM learns to read from a soft prefix."""
+    stop = {"a", "an", "at", "the", "on", "in", "and", "background"}
+    words = [w.strip(",") for w in rich_caption(scene).split() if w.strip(",") not in stop]
+    ids = tok(" ".join(words), add_special_tokens=False)["input_ids"][:n]
+    return ids + [tok.pad_token_id] * (n - len(ids))
+
+
+def train_ref_lm(cfg, tok, scenes, bar) -> OPTForCausalLM:
+    """OPT pretrained half on plain text and half behind a soft prefix of content-word embeddings, so
+    that it learns to *read* a prefix (design choice 2)."""
+    torch.manual_seed(cfg.seed + 1)
+    lm = OPTForCausalLM(OPTConfig(
+        vocab_size=len(tok), hidden_size=cfg.width, num_hidden_layers=cfg.lm_layers, ffn_dim=4 * cfg.width,
+        num_attention_heads=max(1, cfg.width // 32), max_position_embeddings=96, word_embed_proj_dim=cfg.width,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    rng, params = random.Random(cfg.seed + 1), list(lm.parameters())
+    opt, sched = _optimizer(params, 2e-3, cfg.lm_steps)
+    embed, q = lm.get_input_embeddings(), cfg.num_query_tokens
+    for idx in _batches(len(scenes), cfg.batch_size, cfg.lm_steps, cfg.seed + 1):
+        batch = [scenes[i] for i in idx]
+        ids = _pad([tok(lm_caption(s, rng))["input_ids"] + [tok.eos_token_id] for s in batch], tok.pad_token_id)
+        mask = (ids != tok.pad_token_id).long()
+        labels = ids.masked_fill(mask == 0, -100)
+        half = len(batch) // 2
+        plain = lm(input_ids=ids[:half], attention_mask=mask[:half], labels=labels[:half]).loss
+        # prefixed half: the prefix states the *rich* caption's content, the text is a rich caption
+        rich = _pad([tok(rich_caption(s))["input_ids"] + [tok.eos_token_id] for s in batch[half:]], tok.pad_token_id)
+        prefix = torch.tensor([content_ids(s, tok, q) for s in batch[half:]])
+        rmask = (rich != tok.pad_token_id).long()
+        embeds = torch.cat([embed(prefix), embed(rich)], 1)
+        attn = torch.cat([torch.ones_like(prefix), rmask], 1)
+        rlabels = torch.cat([torch.full_like(prefix, -100), rich.masked_fill(rmask == 0, -100)], 1)
+        read = lm(inputs_embeds=embeds, attention_mask=attn, labels=rlabels).loss
+        _step(plain + read, opt, sched, params, bar, stage="ref LM", read=f"{read.item():.3f}")
+        bar.update()
+    return lm.eval()
+
+
+class AttributeHead(nn.Module):
+    """Training-only probe: embedding (B, D) -> logits of every scene attribute (design choice 1)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(),
+                                 nn.Linear(2 * dim, sum(ATTR_CLASSES)))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _labels(scenes, idx) -> torch.Tensor:
+    return torch.tensor([attribute_labels(scenes[i]) for i in idx])
+
+
+def train_vision(cfg, images, scenes, bar) -> Blip2VisionModel:
+    """BLIP-2's ViT stand-in, pretrained to see every attribute, then frozen (design choice 3)."""
+    torch.manual_seed(cfg.seed + 2)
+    vision = Blip2VisionModel(_vision_config(cfg))
+    head = AttributeHead(cfg.width)
+    params = list(vision.parameters()) + list(head.parameters())
+    opt, sched = _optimizer(params, 1e-3, cfg.vision_steps)
+    for idx in _batches(len(scenes), cfg.batch_size, cfg.vision_steps, cfg.seed + 2):
+        feats = vision(pixel_values(images[idx.numpy()])).last_hidden_state  # (B, 1 + P, W)
+        loss = attribute_loss(head(feats.mean(1)), _labels(scenes, idx))
+        _step(loss, opt, sched, params, bar, stage="vision")
+        bar.update()
+    return vision.eval()
+
+
+def _vision_config(cfg) -> Blip2VisionConfig:
+    # the default initializer_range (1e-10) is for loading pretrained weights; from scratch it blinds the ViT
+    return Blip2VisionConfig(hidden_size=cfg.width, intermediate_size=4 * cfg.width, num_hidden_layers=cfg.layers,
+                             num_attention_heads=max(1, cfg.width // 32), image_size=cfg.image_size, patch_size=8,
+                             initializer_range=0.02)
+
+
+def _qformer_config(cfg, tok, text_input: bool) -> Blip2QFormerConfig:
+    return Blip2QFormerConfig(vocab_size=len(tok), hidden_size=cfg.width, num_hidden_layers=2,
+                              num_attention_heads=max(1, cfg.width // 32), intermediate_size=2 * cfg.width,
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                              cross_attention_frequency=1, encoder_hidden_size=cfg.width,
+                              max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                              use_qformer_text_input=text_input)
+
+
+def _fresh_blip(cls, cfg, tok, vision, text_config=None, text_input=False, **extra):
+    config = Blip2Config(vision_config=_vision_config(cfg).to_dict(),
+                         qformer_config=_qformer_config(cfg, tok, text_input).to_dict(),
+                         text_config=text_config, num_query_tokens=cfg.num_query_tokens,
+                         image_text_hidden_size=cfg.width, **extra)
+    model = cls(config)
+    model.vision_model.load_state_dict(vision.state_dict())
+    model.vision_model.requires_grad_(False)
+    # BLIP-2 zero-initialises the query tokens (fine when loading weights, fatal from scratch)
+    nn.init.normal_(model.query_tokens, std=0.02)
+    return model
+
+
+def train_captioner(cfg, tok, vision, lm, feats, scenes, bar) -> Blip2ForConditionalGeneration:
+    """Q-Former + projection trained on shallow captions; ViT and OPT frozen, as in BLIP-2."""
+    from vlrm import soft_prefix  # BLIP-2's image-to-LM bridge, explained where the method uses it
+    torch.manual_seed(cfg.seed + 3)
+    model = _fresh_blip(Blip2ForConditionalGeneration, cfg, tok, vision, text_config=lm.config.to_dict(),
+                        image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model.language_model.load_state_dict(lm.state_dict())
+    model.language_model.requires_grad_(False)
+    rng, params = random.Random(cfg.seed + 3), [p for p in model.parameters() if p.requires_grad]
+    opt, sched = _optimizer(params, 1e-3, cfg.captioner_steps)
+    embed = model.get_input_embeddings()
+    for idx in _batches(len(scenes), cfg.batch_size, cfg.captioner_steps, cfg.seed + 3):
+        prefix = soft_prefix(model, feats[idx])  # (B, Q, H_lm)
+        ids = _pad([tok(shallow_caption(scenes[i], rng))["input_ids"] + [tok.eos_token_id] for i in idx],
+                   tok.pad_token_id)
+        mask = (ids != tok.pad_token_id).long()
+        logits = model.language_model(inputs_embeds=torch.cat([prefix, embed(ids)], 1),
+                                      attention_mask=torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long),
+                                                                mask], 1)).logits
+        # position Q + j predicts token j + 1 of [BOS, caption, EOS]
+        pred = logits[:, prefix.shape[1]:-1]
+        loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).reshape(-1))
+        _step(loss, opt, sched, params, bar, stage="captioner")
+        bar.update()
+    return model.eval()
+
+
+def itm_logits(itm: Blip2ForImageTextRetrieval, image_embeds, input_ids, attention_mask) -> torch.Tensor:
+    """ITM logits (B, 2) [no match, match] on precomputed ViT features; the same computation as
+    `itm(..., use_image_text_matching_head=True).logits_per_image` (tested)."""
+    query = itm.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    attn = torch.cat([torch.ones(query.shape[:2], dtype=torch.long), attention_mask], 1)
+    out = itm.qformer(query_embeds=itm.embeddings(input_ids=input_ids, query_embeds=query),
+                      query_length=query.shape[1], attention_mask=attn,
+                      encoder_hidden_states=image_embeds).last_hidden_state
+    return itm.itm_head(out[:, :query.shape[1]]).mean(1)
+
+
+def train_itm(cfg, tok, vision, feats, scenes, bar) -> Blip2ForImageTextRetrieval:
+    """BLIP2-ITM stand-in: positives are true captions (rich or partial), negatives are other scenes'
+    captions and hard negatives with one attribute wrong."""
+    torch.manual_seed(cfg.seed + 4)
+    model = _fresh_blip(Blip2ForImageTextRetrieval, cfg, tok, vision, text_input=True)
+    rng, params = random.Random(cfg.seed + 4), [p for p in model.parameters() if p.requires_grad]
+    opt, sched = _optimizer(params, 1e-3, cfg.itm_steps)
+    for idx in _batches(len(scenes), cfg.batch_size, cfg.itm_steps, cfg.seed + 4):
+        texts, labels = [], []
+        for i in idx.tolist():
+            s, u = scenes[i], rng.random()
+            if u < 0.5:
+                texts.append(rich_caption(s) if rng.random() < 0.7 else partial_caption(s, rng)); labels.append(1)
+            elif u < 0.75:
+                texts.append(rich_caption(corrupt(s, rng))); labels.append(0)
+            else:
+                texts.append(rich_caption(scenes[rng.randrange(len(scenes))])); labels.append(0)
+        enc = tok(texts, padding=True, return_tensors="pt")
+        logits = itm_logits(model, feats[idx], enc["input_ids"], enc["attention_mask"])
+        loss = F.cross_entropy(logits, torch.tensor(labels))
+        _step(loss, opt, sched, params, bar, stage="ITM")
+        bar.update()
+    return model.eval()
+
+
+def clip_config(cfg, width: int) -> dict:
+    return dict(embed_dim=width,
+                vision_cfg=dict(image_size=cfg.image_size, layers=cfg.layers, width=width, head_width=32,
+                                patch_size=8, mlp_ratio=2.0),
+                text_cfg=dict(context_length=48, vocab_size=49408, width=width, heads=max(1, width // 32),
+                              layers=cfg.layers, mlp_ratio=2.0))
+
+
+def train_clip(cfg, width, seed, images, scenes, bar, stage) -> tuple[open_clip.CLIP, dict]:
+    """Contrastive CLIP on rich (75%) and partial (25%) captions, with attribute losses on both towers."""
+    torch.manual_seed(seed)
+    model_cfg = clip_config(cfg, width)
+    model = open_clip.CLIP(**model_cfg)
+    tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])  # bundled BPE
+    heads = nn.ModuleList([AttributeHead(width), AttributeHead(width)])
+    params = list(model.parameters()) + list(heads.parameters())
+    opt, sched = _optimizer(params, 1e-3, cfg.clip_steps)
+    rng = random.Random(seed)
+    for idx in _batches(len(scenes), cfg.batch_size, cfg.clip_steps, seed):
+        batch = [scenes[i] for i in idx]
+        is_rich = torch.tensor([rng.random() < 0.75 for _ in batch])
+        texts = [rich_caption(s) if r else partial_caption(s, rng) for s, r in zip(batch, is_rich)]
+        img = F.normalize(model.encode_image(pixel_values(images[idx.numpy()])), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        target = torch.arange(len(batch))
+        labels = _labels(scenes, idx)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss = loss + attribute_loss(heads[0](img), labels) + attribute_loss(heads[1](txt[is_rich]), labels[is_rich])
+        _step(loss, opt, sched, params, bar, stage=stage)
+        bar.update()
+    return model.eval(), model_cfg
+
+
+def save_clip(model, model_cfg, path: Path) -> None:
+    """open_clip's `local-dir:` format: open_clip_config.json + open_clip_model.safetensors."""
+    path.mkdir(parents=True)
+    (path / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}}, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "open_clip_model.safetensors")
+
+
+def build_world(cfg: WorldConfig, out: Path, quiet: bool = False) -> None:
+    t0 = time.time()
+    out.mkdir(parents=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    splits = make_splits(cfg)
+    for split, scenes in splits.items():
+        np.save(out / f"images_{split}.npy", np.stack([np.asarray(render(s, cfg.image_size)) for s in scenes]))
+    (out / "scenes.json").write_text(json.dumps(
+        {k: [dataclasses.asdict(s) for s in v] for k, v in splits.items()}))
+    train, images = splits["train"], np.load(out / "images_train.npy")
+
+    rng = random.Random(cfg.seed)
+    tok = train_tokenizer([lm_caption(s, rng) for s in train] + [shallow_caption(s, rng) for s in train])
+    total = cfg.lm_steps + cfg.vision_steps + cfg.captioner_steps + 2 * cfg.clip_steps + cfg.itm_steps
+    with tqdm(total=total, desc=f"building world '{cfg.name}'", disable=quiet, mininterval=1) as bar:
+        lm = train_ref_lm(cfg, tok, train, bar)
+        lm.save_pretrained(out / "ref_lm")
+        tok.save_pretrained(out / "ref_lm")
+        vision = train_vision(cfg, images, train, bar)
+        with torch.no_grad():  # the ViT is frozen from here on: its features are computed once
+            feats = torch.cat([vision(pixel_values(images[i:i + 512])).last_hidden_state
+                               for i in range(0, len(train), 512)])
+        captioner = train_captioner(cfg, tok, vision, lm, feats, train, bar)
+        image_processor = BlipImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size},
+                                             image_mean=list(MEAN), image_std=list(STD))
+        captioner.save_pretrained(out / "captioner")
+        Blip2Processor(image_processor, tok, num_query_tokens=cfg.num_query_tokens).save_pretrained(out / "captioner")
+        itm = train_itm(cfg, tok, vision, feats, train, bar)
+        itm.save_pretrained(out / "itm")
+        Blip2Processor(image_processor, tok).save_pretrained(out / "itm")
+        for name, width, seed in (("clip", cfg.width, cfg.seed + 5), ("judge_clip", cfg.judge_width, cfg.seed + 6)):
+            clip, model_cfg = train_clip(cfg, width, seed, images, train, bar, stage=name)
+            save_clip(clip, model_cfg, out / name)
+    build_seconds = time.time() - t0
+    files = {str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    manifest = {"world_version": WORLD_VERSION, "config": dataclasses.asdict(cfg), "build_seconds": build_seconds,
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                             "open_clip": open_clip.__version__, "python": sys.version.split()[0]},
+                "files": files}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    report = quality_report(World(out))
+    report["build_seconds"] = round(build_seconds, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2))  # derived; not in the checksummed files
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quality report: is the gap that VLRM must close there?
+@torch.no_grad()
+def quality_report(world: World) -> dict:
+    """Loads every model back through the library loaders and measures the targets of the world."""
+    from kernels import recall_at_k, retrieval_ranks
+    test, images = world.scenes["test"], world.images("test")
+    px = pixel_values(images)
+    rich = [rich_caption(s) for s in test]
+    report = {"n_test": len(test)}
+
+    def clip_r1(name, captions):
+        model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{world.path(name)}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{world.path(name)}")
+        img = model.encode_image(px).float()
+        txt = torch.cat([model.encode_text(tokenizer(captions[i:i + 256])) for i in range(0, len(captions), 256)])
+        return recall_at_k(retrieval_ranks(txt.float(), img))["R@1"]
+
+    report["ceiling_r1_judge"] = clip_r1("judge_clip", rich)
+    report["ceiling_r1_reward_clip"] = clip_r1("clip", rich)
+
+    captioner = Blip2ForConditionalGeneration.from_pretrained(world.path("captioner")).eval()
+    processor = Blip2Processor.from_pretrained(world.path("captioner"))
+    out = torch.cat([captioner.generate(pixel_values=px[i:i + 250], do_sample=False, max_new_tokens=40)
+                     for i in range(0, len(test), 250)])
+    captions = [c.strip() for c in processor.batch_decode(out, skip_special_tokens=True)]
+    report["base_r1_judge"] = clip_r1("judge_clip", captions)
+    report["base_main_shape_accuracy"] = float(np.mean([s.objects[0].shape in c.split() for s, c in zip(test, captions)]))
+    report["base_mean_words"] = float(np.mean([len(c.split()) for c in captions]))
+    report["rich_mean_words"] = float(np.mean([len(c.split()) for c in rich]))
+    report["base_samples"] = captions[:5]
+
+    itm = Blip2ForImageTextRetrieval.from_pretrained(world.path("itm")).eval()
+    itm_tok = Blip2Processor.from_pretrained(world.path("itm")).tokenizer
+    rng = random.Random(world.config.seed + 7)
+    neg = [rich_caption(corrupt(s, rng)) if i % 2 else rich_caption(test[(i + 1) % len(test)])
+           for i, s in enumerate(test)]
+    scores = []
+    for texts in (rich, neg):
+        enc = itm_tok(texts, padding=True, return_tensors="pt")
+        scores.append(itm(pixel_values=px, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                          use_image_text_matching_head=True).logits_per_image[:, 1])
+    pos, negs = scores
+    report["itm_roc_auc"] = float((pos[:, None] > negs[None, :]).float().mean() +
+                                  0.5 * (pos[:, None] == negs[None, :]).float().mean())
+
+    lm = OPTForCausalLM.from_pretrained(world.path("ref_lm")).eval()
+    lm_tok = PreTrainedTokenizerFast.from_pretrained(world.path("ref_lm"))
+    salad = [" ".join(random.Random(i).sample(c.split(), len(c.split()))) for i, c in enumerate(rich)]
+    for key, texts in (("lm_logprob_rich", rich), ("lm_logprob_salad", salad)):
+        enc = lm_tok(texts, padding=True, return_tensors="pt")
+        logp = lm(**enc).logits[:, :-1].log_softmax(-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+        m = enc["attention_mask"][:, 1:].float()
+        report[key] = float(((logp * m).sum(1) / m.sum(1)).mean())
+    return report
+
+
+def print_report(report: dict) -> None:
+    ceiling, base = report["ceiling_r1_judge"], report["base_r1_judge"]
+    rows = [
+        ("judge CLIP R@1, rich captions (ceiling)", f"{ceiling:.3f}", ">= 0.60 (aim 0.80)"),
+        ("reward CLIP R@1, rich captions", f"{report['ceiling_r1_reward_clip']:.3f}", "similar"),
+        ("base captioner: main shape named", f"{report['base_main_shape_accuracy']:.3f}", ">= 0.90"),
+        ("base captioner: judge R@1", f"{base:.3f} ({base / max(ceiling, 1e-9):.2f} x ceiling)", "<= 0.33 x ceiling"),
+        ("base / rich mean words", f"{report['base_mean_words']:.1f} / {report['rich_mean_words']:.1f}", "<= 0.5"),
+        ("ITM ROC-AUC, matched vs mismatched", f"{report['itm_roc_auc']:.3f}", "aim >= 0.95"),
+        ("ref LM mean log-prob: rich / salad",
+         f"{report['lm_logprob_rich']:.2f} / {report['lm_logprob_salad']:.2f}", "rich > salad"),
+    ]
+    if "build_seconds" in report:
+        rows.append(("build time", f"{report['build_seconds']:.0f} s", "<= 600 s (aim 300)"))
+    print(f"\nMiniature world quality report ({report['n_test']} test scenes)")
+    for name, value, target in rows:
+        print(f"  {name:<42} {value:<24} target {target}")
+    print("  base captions:", " | ".join(report["base_samples"]))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build the miniature VLRM world and print its quality report.")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    parser.add_argument("--root", default=None, help="cache folder (default: $VLRM_CACHE/worlds or ~/.cache/vlrm/worlds)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--rebuild", action="store_true", help="build again even if a valid cache exists")
+    args = parser.parse_args(argv)
+    world = load_world(args.preset, args.root, rebuild=args.rebuild, seed=args.seed)
+    print(f"world: {world.root}")
+    print_report(world.report())
+
+
+if __name__ == "__main__":
+    main()
