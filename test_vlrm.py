@@ -1,0 +1,364 @@
+"""Tests for the miniature world (shapes.py) and the method (vlrm.py). Offline, CPU, a few minutes.
+
+    pytest -q                 # everything (kernels through the Triton interpreter when there is no GPU)
+
+The tiny 'test' world is built once per session into a temporary folder (or $VLRM_TEST_WORLD_ROOT, to
+reuse one between runs).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before kernels.py defines its kernels (see setup notes)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import dataclasses
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, OPTForCausalLM
+
+import shapes
+import vlrm
+
+REPO = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def world_root(tmp_path_factory):
+    return Path(os.environ.get("VLRM_TEST_WORLD_ROOT") or tmp_path_factory.mktemp("worlds"))
+
+
+@pytest.fixture(scope="session")
+def world(world_root):
+    return shapes.load_world("test", root=world_root, quiet=True)
+
+
+def run_env():
+    """Environment of a subprocess: offline, and no Triton interpreter (vlrm runs --kernels torch)."""
+    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "HF_HUB_OFFLINE": "1"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The world: scenes and captions
+def test_scenes_are_deterministic_and_splits_disjoint():
+    cfg = shapes.PRESETS["test"]
+    a, b = shapes.make_splits(cfg), shapes.make_splits(cfg)
+    assert a == b
+    assert np.array_equal(np.asarray(shapes.render(a["test"][0])), np.asarray(shapes.render(b["test"][0])))
+    test_keys = [s.key() for s in a["test"]]
+    assert len(set(test_keys)) == len(test_keys), "test scenes must be unique"
+    held_out = set(test_keys) | {s.key() for s in a["val"]}
+    assert not held_out & {s.key() for s in a["train"]}
+    other = shapes.make_splits(dataclasses.replace(cfg, seed=1))
+    assert [s.key() for s in other["test"]] != test_keys
+
+
+def test_render_draws_the_attributes():
+    scene = shapes.Scene((shapes.Obj("square", "red", "large", 4),), "black")
+    img = np.asarray(shapes.render(scene, 48)).astype(int)
+    assert (np.abs(img[24, 24] - shapes.COLOURS["red"]) < 10).all()  # the middle cell is red
+    assert (np.abs(img[2, 2] - shapes.BACKGROUNDS["black"]) < 10).all()
+    small = np.asarray(shapes.render(shapes.Scene((shapes.Obj("square", "red", "small", 4),), "black"), 48))
+    assert (small != img).any(axis=-1).sum() > 0  # sizes differ in pixels
+
+
+def test_caption_grammar_covers_every_attribute():
+    rng = random.Random(0)
+    for shape in shapes.SHAPES:
+        for colour in shapes.COLOURS:
+            for size in shapes.SIZES:
+                for cell, phrase in enumerate(shapes.POSITIONS):
+                    scene = shapes.Scene((shapes.Obj(shape, colour, size, cell),), "grey")
+                    text = shapes.rich_caption(scene)
+                    article = "an" if size[0] in "aeiou" else "a"
+                    assert text == f"{article} {size} {colour} {shape} {phrase} on a grey background"
+    scene = shapes.Scene((shapes.Obj("cross", "orange", "large", 0), shapes.Obj("circle", "blue", "small", 2),
+                          shapes.Obj("diamond", "pink", "small", 8)), "white")
+    assert shapes.rich_caption(scene) == ("a large orange cross at top left, a small blue circle at top right and "
+                                          "a small pink diamond at bottom right on a white background")
+    assert shapes.describe(scene, 1, size=False, position=False, background=False) == "an orange cross"
+    shallow = [shapes.shallow_caption(scene, rng) for _ in range(200)]
+    assert shallow.count("a cross") > 100  # most shallow captions name only the main object
+    assert all(len(c.split()) <= 5 for c in shallow)
+    lm_texts = [shapes.lm_caption(scene, rng) for _ in range(400)]
+    assert any(t.startswith(shapes.FILLERS) for t in lm_texts)  # the LM knows the filler phrases
+    assert any(re.search(r"in (19|20)\d\d$", t) for t in lm_texts)
+
+
+def test_hard_negatives_are_false():
+    rng = random.Random(0)
+    for scene in shapes.make_splits(shapes.PRESETS["test"])["test"][:100]:
+        assert shapes.rich_caption(shapes.corrupt(scene, rng)) != shapes.rich_caption(scene)
+
+
+def test_pixel_values_match_the_saved_processor(world):
+    processor = vlrm.Blip2Processor.from_pretrained(world.path("captioner"))
+    images = world.images("test")[:4]
+    ours = shapes.pixel_values(images)
+    theirs = processor(images=[vlrm.Image.fromarray(np.array(i)) for i in images], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The world on disk: loaders of the paper setting, manifest, corruption
+def test_models_round_trip_through_the_paper_loaders(world, tmp_path):
+    px = shapes.pixel_values(world.images("test")[:3])
+    policy, processor = vlrm.load_policy(world.path("captioner"))
+    policy.save_pretrained(tmp_path / "p")
+    processor.save_pretrained(tmp_path / "p")
+    again, _ = vlrm.load_policy(str(tmp_path / "p"))
+    ids = torch.tensor([[policy.config.image_token_index] * policy.config.num_query_tokens + [1, 5, 6]] * 3)
+    with torch.no_grad():
+        assert torch.equal(policy(pixel_values=px, input_ids=ids).logits, again(pixel_values=px, input_ids=ids).logits)
+
+    clip, tokenizer, _ = vlrm.load_clip(world.path("clip"))
+    shapes.save_clip(clip, json.loads(Path(world.path("clip"), "open_clip_config.json").read_text())["model_cfg"],
+                     tmp_path / "c")
+    clip2, _, _ = vlrm.load_clip(f"local-dir:{tmp_path / 'c'}")
+    with torch.no_grad():
+        assert torch.equal(clip.encode_image(px), clip2.encode_image(px))
+        assert torch.equal(clip.encode_text(tokenizer(["a red circle"])), clip2.encode_text(tokenizer(["a red circle"])))
+
+    itm = vlrm._load(Blip2ForImageTextRetrieval, world.path("itm")).eval()
+    tok = vlrm._load(vlrm.Blip2Processor, world.path("itm")).tokenizer
+    enc = tok(["a red circle", "a blue square at top on a white background", "a cross"], padding=True,
+              return_tensors="pt")
+    with torch.no_grad():
+        library = itm(pixel_values=px, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                      use_image_text_matching_head=True).logits_per_image
+        ours = shapes.itm_logits(itm, itm.vision_model(px).last_hidden_state, enc["input_ids"], enc["attention_mask"])
+    assert torch.allclose(library, ours, atol=1e-5)  # the build's fast path is the library's computation
+
+    lm = vlrm._load(OPTForCausalLM, world.path("ref_lm"))
+    lm.save_pretrained(tmp_path / "lm")
+    with torch.no_grad():
+        assert torch.equal(lm(ids[:, -3:]).logits, OPTForCausalLM.from_pretrained(tmp_path / "lm")(ids[:, -3:]).logits)
+
+
+def test_world_manifest_detects_stale_and_corrupt_caches(world, tmp_path):
+    assert shapes._manifest_problem(world.root, world.config) is None
+    copy = tmp_path / "copy"
+    import shutil
+    shutil.copytree(world.root, copy)
+    assert "stale" in shapes._manifest_problem(copy, dataclasses.replace(world.config, seed=5))
+    weights = next((copy / "captioner").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert "corrupt" in shapes._manifest_problem(copy, world.config)
+    (copy / "manifest.json").unlink()
+    assert "no readable manifest" in shapes._manifest_problem(copy, world.config)
+
+
+def test_world_report_shows_the_gap(world):
+    """Relaxed form of the default world's targets: the tiny world is trained for seconds only."""
+    r = world.report()
+    assert r["n_test"] == len(world.scenes["test"]) == world.images("test").shape[0]
+    assert r["base_mean_words"] <= 0.5 * r["rich_mean_words"]  # shallow captions
+    assert r["lm_logprob_rich"] > r["lm_logprob_salad"]
+    assert 0 <= r["base_r1_judge"] <= 1 and 0 <= r["ceiling_r1_judge"] <= 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method: returns, penalties, log-probs, one A2C step
+def test_returns_to_go_with_gamma_one():
+    reward = torch.tensor([1.0, 2.0])
+    penalty = torch.tensor([[0.0, 0.5, 0.0, 0.25], [1.0, 0.0, 0.0, 9.0]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])  # second caption: 3 tokens, the 9 is past its EOS
+    expected = torch.tensor([[1 - 0.75, 1 - 0.75, 1 - 0.25, 1 - 0.25], [2 - 1.0, 2.0, 2.0, 0.0]])
+    assert torch.allclose(vlrm.returns_to_go(reward, penalty, mask), expected)
+
+
+class WordTokenizer:
+    """Hand-made tokenizer: one token per word piece, EOS id 0."""
+    eos_token_id = 0
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def batch_decode(self, ids):
+        return [self.pieces[int(i[0])] for i in ids]
+
+
+def test_penalties_land_on_the_right_tokens():
+    pieces = ["</s>", "a", " green", " circle", "an", " image", " of", " in", " 2019", " a"]
+    tok = WordTokenizer(pieces)
+    regex = re.compile(vlrm.Config.bad_phrases)
+    # "an image of a green circle in 2019</s>" ; "a green circle a green circle</s>"
+    seqs = torch.tensor([[4, 5, 6, 9, 2, 3, 7, 8, 0], [1, 2, 3, 9, 2, 3, 0, 0, 0]])
+    mask = torch.tensor([[1.0] * 9, [1.0] * 7 + [0.0] * 2])
+    bad, repeat = vlrm.penalties(seqs, mask, tok, regex, ngram=3)
+    assert bad[0].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 0]  # "an image of" ends at 'of', the year at '2019'
+    assert repeat[1].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0]  # the second "a green circle" completes at 'circle'
+    assert repeat[0].sum() == 0 and bad[1].sum() == 0
+
+
+@pytest.fixture(scope="module")
+def policy(world):
+    torch.manual_seed(0)
+    model, processor = vlrm.load_policy(world.path("captioner"))
+    return model, processor
+
+
+def test_logprobs_match_blip2_logits(world, policy):
+    model, _ = policy
+    px = shapes.pixel_values(world.images("test")[:4])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        image_embeds = model.vision_model(px).last_hidden_state
+        tokens, mask = vlrm.rollout(model, image_embeds, max_new_tokens=12)
+        hidden = vlrm.caption_states(model, image_embeds, tokens)
+        W = model.language_model.get_output_embeddings().weight
+        ours = vlrm.kernels.fused_logprob(hidden.reshape(-1, hidden.shape[-1]), W, tokens.reshape(-1)).view_as(mask)
+        # the library's own forward: image placeholder tokens + BOS + caption
+        q = model.config.num_query_tokens
+        ids = torch.cat([torch.full((4, q), model.config.image_token_index), torch.ones(4, 1, dtype=torch.long),
+                         tokens], 1)
+        logits = model(pixel_values=px, input_ids=ids).logits[:, q:-1]
+        theirs = logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    assert torch.allclose(ours * mask, theirs * mask, atol=1e-4)
+    assert mask[:, 0].all() and (mask.sum(1) >= 1).all()
+
+
+def test_rollout_is_pure_sampling(world, policy):
+    """The update's log-probs must be those of the distribution that drew the samples: compare with
+    generate()'s own per-step scores (no top-k, no min length, nothing warped)."""
+    model, _ = policy
+    px = shapes.pixel_values(world.images("test")[:4])
+    with torch.no_grad():
+        image_embeds = model.vision_model(px).last_hidden_state
+        embeds = vlrm._prompt(model, vlrm.soft_prefix(model, image_embeds))
+        torch.manual_seed(3)
+        out = model.language_model.generate(inputs_embeds=embeds, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                            max_new_tokens=8, output_scores=True, return_dict_in_generate=True,
+                                            pad_token_id=0, eos_token_id=1)
+        torch.manual_seed(3)
+        tokens, mask = vlrm.rollout(model, image_embeds, max_new_tokens=8)
+        assert torch.equal(tokens, out.sequences)
+        scores = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        hidden = vlrm.caption_states(model, image_embeds, tokens)
+        ours = hidden @ model.language_model.get_output_embeddings().weight.T
+        ours = ours.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    assert torch.allclose(scores * mask, ours * mask, atol=1e-4)
+
+
+def test_a2c_step_raises_logprob_of_positive_advantage(world):
+    torch.manual_seed(0)
+    model, _ = vlrm.load_policy(world.path("captioner"))
+    params = vlrm.trainable_parameters(model)
+    model.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    px = shapes.pixel_values(world.images("test")[:8])
+    with torch.no_grad():
+        image_embeds = model.vision_model(px).last_hidden_state
+        tokens, mask = vlrm.rollout(model, image_embeds, max_new_tokens=10)
+    W = model.language_model.get_output_embeddings().weight
+    advantages = torch.tensor([1.0, 0.0] * 4)[:, None].expand_as(mask) * mask  # even captions good, odd neutral
+
+    def seq_logp():
+        logp = vlrm.kernels.fused_logprob(vlrm.caption_states(model, image_embeds, tokens)[mask.bool()], W,
+                                          tokens[mask.bool()])
+        return torch.zeros_like(mask).masked_scatter(mask.bool(), logp).sum(1)
+
+    before = seq_logp().detach()
+    opt = torch.optim.SGD(params.values(), lr=0.01)  # small: the first-order effect dominates
+    loss = vlrm.kernels.policy_loss(vlrm.caption_states(model, image_embeds, tokens)[mask.bool()], W,
+                                    tokens[mask.bool()], advantages[mask.bool()])[0]
+    loss.backward()
+    assert all(p.grad is not None for p in params.values()) and W.grad is None
+    opt.step()
+    change = seq_logp().detach() - before
+    assert change[0::2].sum() > 0  # the gradient of sum(A * log pi) raises the good samples' log-prob
+    assert change[0::2].sum() > change[1::2].sum()
+
+
+def test_trainable_set_is_what_the_authors_released(world, policy):
+    model, _ = policy
+    names = set(vlrm.trainable_parameters(model))
+    assert "query_tokens" in names and any(n.startswith("qformer.") for n in names)
+    assert {"language_projection.weight", "language_projection.bias"} <= names
+    assert not any(n.startswith(("vision_model.", "language_model.")) for n in names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running it: smoke run, checkpoints, resume, bad input
+def train_args(world_root, tmp, steps, *extra):
+    return ["--world", "test", "--world-root", str(world_root), "--steps", str(steps), "--batch-size", "8", "--max-new-tokens", "12",
+            "--run-dir", str(tmp), "--log-every", "2", "--val-every", "3", "--val-size", "16", "--save-every", "2",
+            "--value-warmup", "1", "--kernels", "torch", *extra]
+
+
+def test_smoke_run_writes_checkpoint_and_metrics(world_root, world, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "vlrm.py", *train_args(world_root, run, 4)], cwd=REPO, env=run_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [l for l in lines if "reward/total" in l]
+    assert [l["step"] for l in train_lines] == [2, 4]
+    for key in ("reward/clip", "reward/itm", "reward/ref", "losses/value", "losses/policy",
+                "charts/explained_variance", "charts/approx_kl", "charts/caption_len", "perf/steps_per_s"):
+        assert all(np.isfinite(l[key]) for l in train_lines), key
+    assert any("val/judge_r1" in l for l in lines)
+    # the checkpoint: plain transformers loads the policy; the trainable-only file loads on the base
+    ckpt = run / "checkpoint"
+    tuned = Blip2ForConditionalGeneration.from_pretrained(ckpt / "policy")
+    state = torch.load(ckpt / "vlrm-trainable.pt")
+    base = Blip2ForConditionalGeneration.from_pretrained(world.path("captioner"))
+    result = base.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys and set(state) == set(vlrm.trainable_parameters(base))
+    for name, value in state.items():
+        assert torch.equal(dict(tuned.named_parameters())[name], value)
+    assert json.loads(json.dumps(torch.load(ckpt / "trainer.pt", weights_only=False)["config"]))["steps"] == 4
+
+
+def test_resume_matches_an_uninterrupted_run(world_root, world, tmp_path, monkeypatch):
+    monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
+    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "full", 4)))
+    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "cut", 2)))  # "killed" after its step-2 checkpoint
+    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "cut", 4, "--resume")))
+    full = torch.load(tmp_path / "full/checkpoint/vlrm-trainable.pt")
+    cut = torch.load(tmp_path / "cut/checkpoint/vlrm-trainable.pt")
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()
+             if "reward/total" in l]
+    assert steps == [2, 4]  # nothing logged twice
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--reward", "clipscore"], "--reward must be one of"),
+    (["--kernels", "cuda"], "--kernels must be one of"),
+    (["--bad-phrases", "(unclosed"], "not a valid regular expression"),
+])
+def test_bad_values_exit_2(args, message):
+    proc = subprocess.run([sys.executable, "vlrm.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_unknown_model_and_checkpoint_errors(world_root, world, tmp_path):
+    env = run_env()
+    proc = subprocess.run([sys.executable, "vlrm.py", *train_args(world_root, tmp_path / "r", 2), "--policy", "nobody/blip2-nothing"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "nobody/blip2-nothing" in proc.stderr and "local folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "vlrm.py", *train_args(world_root, tmp_path / "none", 2, "--resume")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+    bad = tmp_path / "bad" / "checkpoint"
+    bad.mkdir(parents=True)
+    (bad / "trainer.pt").write_bytes(b"not a checkpoint")
+    proc = subprocess.run([sys.executable, "vlrm.py", *train_args(world_root, tmp_path / "bad", 2, "--resume")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unreadable" in proc.stderr
+    assert (bad / "trainer.pt").read_bytes() == b"not a checkpoint"  # never overwritten

@@ -1,0 +1,788 @@
+"""vlrm.py: VLRM ("Vision-Language Models act as Reward Models for Image Captioning", arXiv 2404.01911)
+in one readable file.
+
+A captioner (BLIP-2) writes short captions because its training captions were short. VLRM fine-tunes it
+with reinforcement learning, and the reward comes from vision-language models that score how well a
+caption matches its image (CLIP similarity, the BLIP2-ITM match logit), plus a reference language model
+that keeps the text natural and penalties that stop the policy from gaming those scores. No human labels.
+
+Run:
+    python vlrm.py --steps 5000                      # the miniature world (built on first use), CPU
+    python vlrm.py --steps 20 --world test           # a smoke run on the tiny test world
+    python vlrm.py --resume --run-dir runs/shapes    # continue a killed run where it stopped
+    python vlrm.py --preset paper --images DIR       # BLIP-2 OPT-2.7B on a folder of images, one GPU
+    torchrun --nproc_per_node=8 vlrm.py --preset paper --images DIR
+    python eval.py                                   # evaluate the base captioner and the latest run
+
+Design choices (what the paper leaves open, and what we chose):
+ 1. A2C with a learned value head, three steps per iteration: (1) sample captions and compute a return
+    for every token, (2) fit the value head to the returns, (3) policy gradient with A = R - V. The
+    advantage uses V from *before* step 2: a baseline fitted on the very returns it is subtracted from
+    would depend on the sampled action and bias the gradient.
+ 2. gamma = 1, sequence rewards at the last token, penalties where they occur, so the return of token
+    k is R(t_k) = sum_j w_j * reward_j - sum_{s >= k} (w_bad * bad(s) + w_repeat * repeat(s)).
+ 3. Rollouts are pure samples (temperature 1, no top-k/top-p, no min length, no n-gram blocking): the
+    update's log-probs must belong to the distribution that drew the samples. Repetition is controlled
+    by the reward instead.
+ 4. Trainable: the Q-Former, the query tokens and the language projection (what the authors released);
+    the ViT and the OPT language model stay frozen. The value head is an MLP on the frozen LM's last
+    hidden state at each caption position (detached): the LM already summarises image and text so far.
+ 5. Log-probs come from the fused kernel in kernels.py on caption positions only: the (tokens, vocab)
+    logits are never materialised (50,272 x 3,840 x 4 B = 0.8 GB per step for OPT-2.7B at batch 64).
+ 6. Advantages are divided by their batch standard deviation, so one learning rate serves rewards of any
+    scale; the value head (its own optimiser) is warmed up before the first actor update.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration,
+                          Blip2ForImageTextRetrieval, Blip2Processor, Blip2QFormerConfig, Blip2VisionConfig,
+                          OPTConfig)
+
+import kernels
+import shapes
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed without a traceback, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: one dataclass, every field documented; presets fill the fields left at None.
+def arg(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to train
+    preset: str = arg("shapes", "shapes: the miniature world (default); paper: BLIP-2 OPT-2.7B, BLIP2-ITM, CLIP")
+    world: str = arg("default", "which miniature world (shapes preset): default or test")
+    world_root: str = arg(None, "where worlds are cached (default $VLRM_CACHE/worlds or ~/.cache/vlrm/worlds)")
+    policy: str = arg(None, "captioner to tune: hub id or save_pretrained folder (Blip2ForConditionalGeneration)")
+    clip: str = arg(None, "CLIP reward: open_clip 'MODEL/TAG' (e.g. ViT-L-14/openai), 'local-dir:PATH' or a folder")
+    itm: str = arg(None, "BLIP2-ITM reward: hub id or folder (Blip2ForImageTextRetrieval)")
+    ref_lm: str = arg(None, "reference LM: hub id, folder, or 'policy' to reuse the policy's frozen OPT")
+    judge_clip: str = arg(None, "CLIP for validation R@1, never trained against (default: the world's judge)")
+    images: str = arg(None, "training images (paper preset): a folder, or a text file with one path per line")
+    # reward
+    reward: str = arg("vlrm-rs", "reward variant: vlrm (ITM-led) or vlrm-rs (retrieval specialised, CLIP-led)")
+    w_clip: float = arg(None, "weight of CLIP cosine similarity")
+    w_itm: float = arg(None, "weight of the BLIP2-ITM positive logit (before softmax)")
+    w_ref: float = arg(None, "weight of the reference LM's mean log-prob of the caption")
+    w_bad: float = arg(None, "penalty per bad phrase (filler such as 'an image of', or a year)")
+    w_repeat: float = arg(None, "penalty per repeated word n-gram")
+    bad_phrases: str = arg("an image of|a picture of|a photo of|a video of|\\b(1[89]|20)\\d\\d\\b",
+                           "regex of unwanted phrases, '|'-separated; the default ends with a year pattern")
+    repeat_ngram: int = arg(3, "n of the word n-grams whose repetition is penalised")
+    itm_max_length: int = arg(None, "ITM text limit in tokens (LAVIS BLIP2-ITM: 32); longer tails are invisible")
+    # optimisation
+    steps: int = arg(5000, "training iterations")
+    batch_size: int = arg(None, "images per iteration (per rank under torchrun)")
+    max_new_tokens: int = arg(None, "caption length limit during rollouts")
+    lr: float = arg(3e-4, "actor learning rate (Q-Former, query tokens, projection); 1e-3 collapsed the policy")
+    value_lr: float = arg(1e-3, "value-head learning rate")
+    value_warmup: int = arg(50, "iterations that train only the value head before the first actor update")
+    ent_coef: float = arg(0.0, "entropy bonus (0: pure A2C; the rewards already punish degenerate text)")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    # machinery
+    kernels: str = arg("auto", "log-prob/similarity kernels: auto (Triton on CUDA), torch or triton")
+    device: str = arg("auto", "auto, cpu or cuda")
+    bf16: bool = arg(None, "run frozen models in bfloat16 (paper preset on GPU)")
+    seed: int = arg(0, "seed; ranks use seed + rank for sampling")
+    run_dir: str = arg(None, "output folder (default runs/<preset>-<reward>-seed<seed>)")
+    resume: bool = arg(False, "continue the run in --run-dir from its checkpoint")
+    log_every: int = arg(10, "iterations between metrics.jsonl lines")
+    val_every: int = arg(500, "iterations between validations (judge R@1 and sample captions)")
+    val_size: int = arg(200, "validation images")
+    save_every: int = arg(500, "iterations between checkpoints")
+    num_workers: int = arg(None, "DataLoader workers decoding images")
+
+
+PRESETS = {
+    "shapes": dict(batch_size=32, max_new_tokens=40, itm_max_length=64, bf16=False, num_workers=0),
+    "paper": dict(policy="Salesforce/blip2-opt-2.7b", itm="Salesforce/blip2-itm-vit-g", ref_lm="facebook/opt-2.7b",
+                  clip="ViT-L-14/openai", batch_size=16, max_new_tokens=60, itm_max_length=32, bf16=True,
+                  num_workers=8),
+}
+# Reward variants. vlrm-rs leans on CLIP (the retrieval-specialised model of the paper); vlrm on ITM.
+# Cosine similarities move by ~0.1 between a poor and a good caption, ITM logits by ~5: hence the scales.
+REWARDS = {
+    "vlrm": dict(w_clip=0.0, w_itm=1.0, w_ref=0.3, w_bad=2.0, w_repeat=1.0),
+    "vlrm-rs": dict(w_clip=20.0, w_itm=0.3, w_ref=0.3, w_bad=2.0, w_repeat=1.0),
+}
+
+
+def parse_config(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" and f.default is False:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    cfg = Config(**vars(parser.parse_args(argv)))
+    problems = []
+    if cfg.preset not in PRESETS:
+        problems.append(f"--preset must be one of {sorted(PRESETS)}, not {cfg.preset!r}")
+    if cfg.reward not in REWARDS:
+        problems.append(f"--reward must be one of {sorted(REWARDS)}, not {cfg.reward!r}")
+    if cfg.kernels not in kernels.BACKENDS:
+        problems.append(f"--kernels must be one of {list(kernels.BACKENDS)}, not {cfg.kernels!r}")
+    if cfg.world not in shapes.PRESETS:
+        problems.append(f"--world must be one of {sorted(shapes.PRESETS)}, not {cfg.world!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
+    for name in ("steps", "log_every", "val_every", "save_every", "val_size", "repeat_ngram"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be a positive integer")
+    for name in ("lr", "value_lr", "max_grad_norm"):
+        if not getattr(cfg, name) > 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive")
+    if problems:
+        parser.error("; ".join(problems))  # exit code 2
+    for key, value in {**PRESETS[cfg.preset], **REWARDS[cfg.reward]}.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.batch_size <= 0 or cfg.max_new_tokens <= 0:
+        parser.error("--batch-size and --max-new-tokens must be positive integers")
+    try:
+        re.compile(cfg.bad_phrases)
+    except re.error as e:
+        parser.error(f"--bad-phrases is not a valid regular expression: {e}")
+    cfg.run_dir = cfg.run_dir or f"runs/{cfg.preset}-{cfg.reward}-seed{cfg.seed}"
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: every model by hub id or local path, with an error that says what to do when it fails.
+def _load(cls, spec: str, **kwargs):
+    try:
+        return cls.from_pretrained(spec, **kwargs)
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise UsageError(
+            f"cannot load {cls.__name__} from {spec!r}{' (HF_HUB_OFFLINE=1)' if offline else ''}.\n"
+            f"  Pass a local folder instead, e.g. one written by save_pretrained, or fetch it where there is a "
+            f"network:\n    huggingface-cli download {spec} --local-dir ./models/{spec.split('/')[-1]}\n"
+            f"  then pass that folder. ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def load_policy(spec: str, trainable_state: str | None = None, dtype=torch.float32, device="cpu"):
+    """BLIP-2 captioner and its processor. `trainable_state` optionally names a trainable-only state dict
+    in the authors' format (e.g. vlrm-blip2-opt-2.7b.pt), loaded on top with strict=False as they do."""
+    policy = _load(Blip2ForConditionalGeneration, spec, dtype=dtype)
+    processor = _load(Blip2Processor, spec)
+    if trainable_state is not None:
+        try:
+            state = torch.load(trainable_state, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as e:
+            raise UsageError(f"cannot read trainable state dict {trainable_state!r}: {e}") from None
+        unexpected = policy.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise UsageError(f"{trainable_state!r} has keys that are not in the policy, e.g. {unexpected[:3]}")
+    policy.language_projection.float()  # trained: keep fp32 master weights (Q-Former, queries already are)
+    return policy.to(device).eval(), processor
+
+
+def load_clip(spec: str, device="cpu"):
+    """open_clip model + tokenizer from 'MODEL/TAG', 'local-dir:PATH' or a plain folder."""
+    if os.path.isdir(spec):
+        spec = f"local-dir:{spec}"
+    name, _, tag = (spec, "", None) if spec.startswith(("local-dir:", "hf-hub:")) else spec.partition("/")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag or None)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:  # open_clip raises RuntimeError/FileNotFoundError/ValueError/hub errors
+        raise UsageError(f"cannot load CLIP {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}\n"
+                         f"  Pass 'local-dir:PATH' (open_clip_config.json + weights) or a folder, or "
+                         f"'MODEL/TAG' from open_clip.list_pretrained() where the hub is reachable.") from None
+    return model.to(device).eval().requires_grad_(False), tokenizer, preprocess
+
+
+def normalizer(mean, std, size: int, device):
+    """uint8 images (B, H, W, 3) -> float (B, 3, size, size), resized and normalised for one model."""
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def to_pixels(images: torch.Tensor) -> torch.Tensor:
+        x = images.to(device).permute(0, 3, 1, 2).float() / 255
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        return (x - mean) / std
+    return to_pixels
+
+
+def processor_normalizer(processor, device):
+    ip = processor.image_processor
+    return normalizer(ip.image_mean, ip.image_std, ip.size["height"], device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# BLIP-2 pieces the loop needs: the image prefix, rollouts and the hidden states of caption positions.
+def soft_prefix(policy: Blip2ForConditionalGeneration, image_embeds: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's bridge: ViT features (B, 1 + P, W) -> Q-Former on the query tokens -> projection ->
+    soft prompt (B, Q, H_lm) for the frozen LM. The same computation as `get_image_features` after its ViT
+    step; the ViT runs once per batch outside, since it is frozen."""
+    query = policy.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    out = policy.qformer(query_embeds=query, encoder_hidden_states=image_embeds.float()).last_hidden_state
+    return policy.language_projection(out).to(policy.language_model.dtype)
+
+
+def _prompt(policy, prefix: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """LM input embeddings: [soft prefix (Q), BOS, tokens...] -> (B, Q + 1 + T, H)."""
+    bos = torch.full((prefix.shape[0], 1), policy.config.text_config.bos_token_id, device=prefix.device)
+    ids = bos if tokens is None else torch.cat([bos, tokens], 1)
+    return torch.cat([prefix, policy.get_input_embeddings()(ids)], 1)
+
+
+@torch.no_grad()
+def rollout(policy, image_embeds, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1a: pure sampling. -> tokens (B, T) and mask (B, T): 1 up to and including EOS."""
+    embeds = _prompt(policy, soft_prefix(policy, image_embeds))
+    text_cfg = policy.config.text_config
+    tokens = policy.language_model.generate(
+        inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, no_repeat_ngram_size=0,
+        repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=text_cfg.eos_token_id,
+        pad_token_id=text_cfg.pad_token_id)  # with inputs_embeds only, generate returns the new tokens alone
+    is_eos = tokens == text_cfg.eos_token_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return tokens, (~after_eos).float()
+
+
+def caption_states(policy, image_embeds, tokens) -> torch.Tensor:
+    """Teacher-forced forward: (B, T) sampled tokens -> LM final hidden states (B, T, H) at the positions
+    that *predict* each token (position Q + k holds BOS or token k-1 and predicts token k). Gradients
+    flow into the Q-Former through the frozen LM. Reproduces generate()'s distribution (tested)."""
+    prefix = soft_prefix(policy, image_embeds)
+    embeds = _prompt(policy, prefix, tokens[:, :-1])
+    # all-ones mask: tokens after EOS only ever see earlier ones (causal), and are masked in every loss
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    hidden = policy.language_model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    return hidden[:, prefix.shape[1]:]
+
+
+def trainable_parameters(policy) -> dict[str, nn.Parameter]:
+    """What VLRM updates and what the authors released: Q-Former, query tokens, language projection."""
+    return {n: p for n, p in policy.named_parameters()
+            if n == "query_tokens" or n.startswith(("qformer.", "language_projection."))}
+
+
+class ValueHead(nn.Module):
+    """V(s_k): LM hidden state (.., H) at the position that predicts token k -> expected return (..)."""
+
+    def __init__(self, hidden: int, width: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, 1))
+
+    def forward(self, h):
+        return self.net(h.float()).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards: each a plain function (images uint8 (B, H, W, 3), captions list[str]) -> (B,) tensor.
+def clip_reward(spec: str, device):
+    """Cosine similarity of CLIP's image and text embeddings."""
+    model, tokenizer, _ = load_clip(spec, device)
+    to_pixels = normalizer(model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN,
+                           model.visual.image_std or open_clip.OPENAI_DATASET_STD, model.visual.image_size[0], device)
+
+    @torch.no_grad()
+    def reward(images, captions):
+        img = model.encode_image(to_pixels(images))
+        txt = model.encode_text(tokenizer(captions).to(device))
+        return kernels.pair_similarity(img.float(), txt.float())
+    reward.limit = model.context_length  # longer captions are cut: their tails are invisible to the reward
+    reward.token_counts = lambda captions: [len(tokenizer.encode(c)) + 2 for c in captions]  # + start/end
+    return reward
+
+
+def itm_reward(spec: str, max_length: int, device, dtype):
+    """BLIP2-ITM: the positive logit of the image-text matching head, before softmax."""
+    model = _load(Blip2ForImageTextRetrieval, spec, dtype=dtype).to(device).eval().requires_grad_(False)
+    processor = _load(Blip2Processor, spec)
+    tokenizer, to_pixels = processor.tokenizer, processor_normalizer(processor, device)
+
+    @torch.no_grad()
+    def reward(images, captions):
+        enc = tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        out = model(pixel_values=to_pixels(images).to(dtype), input_ids=enc["input_ids"],
+                    attention_mask=enc["attention_mask"], use_image_text_matching_head=True)
+        return out.logits_per_image[:, 1].float()
+    reward.limit = max_length
+    reward.token_counts = lambda captions: [len(ids) for ids in tokenizer(captions)["input_ids"]]
+    return reward
+
+
+def ref_lm_reward(spec: str, policy, policy_tokenizer, device, dtype):
+    """Mean log-prob of the caption (and its EOS) under a text-only reference LM: keeps language natural."""
+    if spec == "policy":  # BLIP-2's OPT *is* the frozen OPT-2.7B: reuse it and save 5 GB
+        lm, tokenizer = policy.language_model, policy_tokenizer
+    else:
+        lm = _load(AutoModelForCausalLM, spec, dtype=dtype).to(device).eval().requires_grad_(False)
+        tokenizer = _load(AutoTokenizer, spec)
+
+    @torch.no_grad()
+    def reward(images, captions):
+        enc = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, return_tensors="pt").to(device)
+        logits = lm(**enc).logits[:, :-1].float()
+        ids, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].float()
+        logp = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+        return (logp * mask).sum(1) / mask.sum(1)
+    return reward
+
+
+def penalties(tokens, mask, tokenizer, bad_regex: re.Pattern, ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position penalties (B, T): bad[b, s] = number of unwanted phrases that end at token s;
+    repeat[b, s] = 1 where token s completes a word n-gram that already occurred in the caption."""
+    B, T = tokens.shape
+    bad, repeat = torch.zeros(B, T), torch.zeros(B, T)
+    pieces = tokenizer.batch_decode(tokens.reshape(-1, 1).cpu())  # one token's text each
+    for b in range(B):
+        n = int(mask[b].sum())
+        texts = [p if tokens[b, s] != tokenizer.eos_token_id else "" for s, p in enumerate(pieces[b * T: b * T + n])]
+        ends = np.cumsum([len(t) for t in texts])  # char offset just after token s
+        text = "".join(texts)
+        for m in bad_regex.finditer(text):
+            bad[b, int(np.searchsorted(ends, m.end()))] += 1
+        words, seen = [(w.group(), int(np.searchsorted(ends, w.end()))) for w in re.finditer(r"\S+", text)], set()
+        for i in range(ngram - 1, len(words)):
+            gram = tuple(w for w, _ in words[i - ngram + 1: i + 1])
+            if gram in seen:
+                repeat[b, words[i][1]] = 1.0
+            seen.add(gram)
+    return bad, repeat
+
+
+def returns_to_go(sequence_reward, penalty, mask) -> torch.Tensor:
+    """gamma = 1: R(t_k) = sequence reward - sum_{s >= k} penalty(s), on valid positions. (B,), (B, T) -> (B, T)"""
+    penalty = penalty * mask
+    to_go = penalty.flip(1).cumsum(1).flip(1)  # sum over s >= k
+    return (sequence_reward[:, None] - to_go) * mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the world's training scenes, or any folder of images; index order is a function of the step.
+class ImageFiles(torch.utils.data.Dataset):
+    """Images from a folder (recursively) or a list file, decoded to uint8 (size, size, 3); an unreadable
+    file yields None, which the collate function drops and counts."""
+    EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+    def __init__(self, source: str, size: int):
+        p = Path(source)
+        if p.is_dir():
+            self.files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in self.EXT)
+        elif p.is_file():
+            self.files = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        else:
+            raise UsageError(f"--images {source!r} is neither a folder nor a list file")
+        if not self.files:
+            raise UsageError(f"--images {source!r} holds no images ({', '.join(self.EXT)})")
+        self.size = size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            img = Image.open(self.files[i]).convert("RGB")
+        except Exception:  # any decoding problem: skip this file, never stop the run
+            return None
+        s = self.size / min(img.size)  # shorter side to `size`, then centre crop (CLIP's preprocessing)
+        img = img.resize((max(self.size, round(img.width * s)), max(self.size, round(img.height * s))),
+                         Image.Resampling.BICUBIC)
+        left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
+        return torch.from_numpy(np.asarray(img.crop((left, top, left + self.size, top + self.size))).copy())
+
+
+class WorldImages(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.images[i]))
+
+
+def collate(items):
+    kept = [x for x in items if x is not None]
+    return (torch.stack(kept) if kept else None), len(items) - len(kept)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields the index batch of every step from `start` on: a fixed permutation per epoch, rank r taking
+    its own slice. Resuming at step k reproduces the batches an uninterrupted run would have drawn."""
+
+    def __init__(self, n, batch_size, start, steps, seed, rank=0, world_size=1):
+        self.n, self.bs, self.start, self.steps, self.seed = n, batch_size, start, steps, seed
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self):
+        return self.steps - self.start
+
+    def __iter__(self):
+        per_step = self.bs * self.world_size
+        for step in range(self.start, self.steps):
+            first = step * per_step + self.rank * self.bs
+            idx = []
+            for j in range(first, first + self.bs):
+                epoch, pos = divmod(j, self.n)
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+                idx.append(int(perm[pos]))
+            yield idx
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun): data parallel with the gradients averaged exactly as DDP would.
+def dist_info():
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def sync_gradients(params) -> None:
+    """Sum gradients over ranks in one flat buffer. Losses are normalised by *global* counts, so the sum
+    is the gradient of the combined batch: what DDP computes, without its bucketing and overlap."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def masked_mean(x, mask) -> torch.Tensor:
+    """Mean over valid positions of all ranks (the global batch)."""
+    return (x * mask).sum() / all_sum(mask.sum().detach()).clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: atomic folders; the policy as save_pretrained and in the authors' trainable-only format.
+def save_checkpoint(run_dir: Path, policy, processor, value_head, actor_opt, critic_opt, step, cfg, rng_states):
+    tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp / "policy")
+    processor.save_pretrained(tmp / "policy")
+    torch.save({k: v.detach().cpu() for k, v in trainable_parameters(policy).items()}, tmp / "vlrm-trainable.pt")
+    torch.save({"step": step, "config": dataclasses.asdict(cfg), "value_head": value_head.state_dict(),
+                "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
+                "rng": rng_states}, tmp / "trainer.pt")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)  # the previous checkpoint survives until the new one is complete
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old: killed between the two renames
+        if (run_dir / name / "trainer.pt").is_file():
+            return run_dir / name
+    return None
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: greedy captions of held-out images, retrieved by the judge CLIP.
+@torch.no_grad()
+def greedy_captions(policy, tokenizer, pixels, max_new_tokens, batch=256) -> list[str]:
+    out = []
+    for i in range(0, len(pixels), batch):
+        ids = policy.generate(pixel_values=pixels[i:i + batch].to(policy.dtype), do_sample=False,
+                              max_new_tokens=max_new_tokens)
+        out += [c.strip() for c in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return out
+
+
+@torch.no_grad()
+def clip_recall(clip_model, clip_tokenizer, to_pixels, images, captions) -> dict:
+    """Text-to-image recall: each caption must find its own image among all of them."""
+    img = torch.cat([clip_model.encode_image(to_pixels(images[i:i + 256])) for i in range(0, len(images), 256)])
+    txt = torch.cat([clip_model.encode_text(clip_tokenizer(captions[i:i + 256]).to(img.device))
+                     for i in range(0, len(captions), 256)])
+    return kernels.recall_at_k(kernels.retrieval_ranks(txt.float(), img.float()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop
+def train(cfg: Config) -> Path:
+    rank, world_size, local_rank = dist_info()
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+                          else "cpu")
+    if cfg.device == "cuda" and device.type != "cuda":
+        raise UsageError("--device cuda, but torch sees no GPU")
+    dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
+    kernels.set_backend(cfg.kernels)
+    run_dir, main_rank = Path(cfg.run_dir), rank == 0
+    ckpt = find_checkpoint(run_dir)
+    if cfg.resume and ckpt is None:
+        raise UsageError(f"--resume: no checkpoint in {run_dir}; start without --resume")
+    if not cfg.resume and ckpt is not None:
+        raise UsageError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
+                         f"or --run-dir to start a new run")
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    # the models: the world's unless given; the judge only ever validates
+    world = shapes.load_world(cfg.world, root=cfg.world_root) if cfg.preset == "shapes" else None
+    for key, model in (("policy", "captioner"), ("itm", "itm"), ("ref_lm", "ref_lm"), ("clip", "clip"),
+                       ("judge_clip", "judge_clip")):
+        if getattr(cfg, key) is None and world is not None:
+            setattr(cfg, key, world.path(model))
+    torch.manual_seed(cfg.seed)
+    policy, processor = load_policy(cfg.policy, dtype=dtype, device=device)
+    params = trainable_parameters(policy)
+    policy.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    tokenizer, to_pixels = processor.tokenizer, processor_normalizer(processor, device)
+    weights = {"clip": cfg.w_clip, "itm": cfg.w_itm, "ref": cfg.w_ref}
+    rewards = {}  # only the models with a non-zero weight are loaded
+    if cfg.w_clip:
+        rewards["clip"] = clip_reward(cfg.clip, device)
+    if cfg.w_itm:
+        rewards["itm"] = itm_reward(cfg.itm, cfg.itm_max_length, device, dtype)
+    if cfg.w_ref:
+        rewards["ref"] = ref_lm_reward(cfg.ref_lm, policy, tokenizer, device, dtype)
+    bad_regex = re.compile(cfg.bad_phrases)
+
+    value_head = ValueHead(policy.config.text_config.word_embed_proj_dim).to(device)
+    actor_opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    critic_opt = torch.optim.AdamW(value_head.parameters(), lr=cfg.value_lr, weight_decay=0.0)
+    start = 0
+    if ckpt is not None:
+        try:
+            trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+            policy.load_state_dict(torch.load(ckpt / "vlrm-trainable.pt", map_location=device), strict=False)
+        except Exception as e:  # truncated or foreign file: say so, touch nothing
+            raise UsageError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {e}); it was left as it is. "
+                             f"Restore it, or start a new run with another --run-dir") from None
+        value_head.load_state_dict(trainer["value_head"])
+        actor_opt.load_state_dict(trainer["actor_opt"])
+        critic_opt.load_state_dict(trainer["critic_opt"])
+        start = trainer["step"]
+        if len(trainer["rng"]) != world_size:
+            raise UsageError(f"{ckpt} was written by {len(trainer['rng'])} ranks; resume it with as many")
+        if main_rank:
+            print(f"resumed from {ckpt} at step {start}")
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
+
+    if world is not None:
+        dataset, val_images = WorldImages(world.images("train")), torch.from_numpy(np.array(world.images("val")))
+        val_images = val_images[:cfg.val_size]
+    else:
+        dataset, val_images = ImageFiles(cfg.images, processor.image_processor.size["height"]), None
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepSampler(len(dataset), cfg.batch_size, start, cfg.steps, cfg.seed, rank, world_size),
+        num_workers=cfg.num_workers, collate_fn=collate, generator=torch.Generator())  # keeps global RNG untouched
+    if main_rank and val_images is not None:
+        judge, judge_tokenizer, _ = load_clip(cfg.judge_clip or cfg.clip, device)
+        judge_pixels = normalizer(judge.visual.image_mean, judge.visual.image_std, judge.visual.image_size[0], device)
+    # everything is loaded: from here on the RNG drives only sampling, so a resumed run matches an unbroken one
+    if ckpt is not None:
+        set_rng_state(trainer["rng"][rank])
+    else:
+        torch.manual_seed(cfg.seed + rank)  # ranks draw different samples
+
+    stop = {"flag": False}  # Ctrl-C / SIGTERM: finish the step, save, exit
+
+    def request_stop(signum, frame):
+        stop["flag"] = True
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    lm_head = policy.language_model.get_output_embeddings().weight  # (V, H), frozen
+    bar = tqdm(total=cfg.steps, initial=start, disable=not main_rank, desc="vlrm", dynamic_ncols=True)
+    t_last, step, steps_since_log, skipped_images = time.time(), start, 0, 0
+    for images, n_bad in loader:
+        skipped_images += n_bad
+        if images is None:
+            step += 1
+            continue
+        with torch.no_grad():
+            image_embeds = policy.vision_model(to_pixels(images).to(dtype)).last_hidden_state  # frozen ViT, once
+
+        # step 1: rollout and per-token returns ------------------------------------------------------
+        tokens, mask = rollout(policy, image_embeds, cfg.max_new_tokens)  # (B, T), (B, T)
+        captions = [c.strip() for c in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        parts = {name: fn(images, captions).float().cpu() for name, fn in rewards.items()}  # each (B,)
+        sequence_reward = sum(weights[name] * r for name, r in parts.items())
+        bad, repeat = penalties(tokens.cpu(), mask.cpu(), tokenizer, bad_regex, cfg.repeat_ngram)
+        returns = returns_to_go(sequence_reward, cfg.w_bad * bad + cfg.w_repeat * repeat, mask.cpu()).to(device)
+        if not torch.isfinite(returns).all():
+            tqdm.write(f"[warn] step {step}: non-finite reward; step skipped ({ {k: v.tolist() for k, v in parts.items()} })")
+            step += 1
+            continue
+
+        hidden = caption_states(policy, image_embeds, tokens)  # (B, T, H), grad into the Q-Former
+        values_old = value_head(hidden.detach())  # (B, T)
+
+        # step 2: critic ------------------------------------------------------------------------------
+        value_loss = masked_mean((values_old - returns) ** 2, mask)
+        # step 3: actor, with A = R - V (V from before the critic step, detached) --------------------------
+        advantages = (returns - values_old.detach()) * mask
+        adv_std = torch.sqrt(masked_mean(advantages ** 2, mask) - masked_mean(advantages, mask) ** 2 + 1e-8)
+        advantages = advantages / adv_std
+        valid = mask.bool()
+        logp, entropy = kernels.fused_logprob(hidden[valid], lm_head, tokens[valid], with_entropy=True)  # (N,)
+        n_global = all_sum(valid.sum().float())
+        policy_loss = -(advantages[valid] * logp).sum() / n_global
+        entropy_mean = entropy.sum().detach() / n_global
+        actor_loss = policy_loss - cfg.ent_coef * entropy.sum() / n_global
+
+        if not (torch.isfinite(value_loss) and torch.isfinite(actor_loss)):
+            tqdm.write(f"[warn] step {step}: non-finite loss; step skipped")
+            actor_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+            step += 1
+            continue
+        critic_opt.zero_grad(set_to_none=True)
+        value_loss.backward()
+        sync_gradients(list(value_head.parameters()))
+        nn.utils.clip_grad_norm_(value_head.parameters(), cfg.max_grad_norm)
+        critic_opt.step()
+        if step >= cfg.value_warmup:
+            actor_opt.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            sync_gradients(list(params.values()))
+            grad_norm = nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                actor_opt.step()
+            else:
+                tqdm.write(f"[warn] step {step}: non-finite gradient; actor step skipped")
+        step += 1
+
+        # logging, validation, checkpoints ------------------------------------------------------------
+        words = float(np.mean([len(c.split()) for c in captions]))
+        bar.update()
+        bar.set_postfix(reward=f"{sequence_reward.mean():.3f}", words=f"{words:.1f}")
+        steps_since_log += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics = {"step": step, "reward/total": float(sequence_reward.mean()),
+                       **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
+                       "penalty/bad": float(bad.sum(1).mean()), "penalty/repeat": float(repeat.sum(1).mean()),
+                       "losses/value": value_loss.item(), "losses/policy": policy_loss.item(),
+                       "charts/entropy": float(entropy_mean), "charts/caption_len": words,
+                       "charts/caption_tokens": float(mask.sum(1).mean()),
+                       "charts/explained_variance": explained_variance(values_old.detach(), returns, mask),
+                       "charts/approx_kl": approx_kl(policy, image_embeds, tokens, valid, logp.detach(), lm_head),
+                       "charts/skipped_images": skipped_images,
+                       "perf/steps_per_s": steps_since_log / (time.time() - t_last)}
+            for name in ("clip", "itm"):
+                if name in rewards:
+                    metrics[f"charts/{name}_truncated"] = truncated_share(rewards[name], captions)
+            t_last, steps_since_log = time.time(), 0
+            if main_rank:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+        if main_rank and val_images is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            val = greedy_captions(policy, tokenizer, to_pixels(val_images), cfg.max_new_tokens)
+            r = clip_recall(judge, judge_tokenizer, judge_pixels, val_images, val)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "val/judge_r1": r["R@1"], "val/judge_r5": r["R@5"],
+                                    "val/caption_len": float(np.mean([len(c.split()) for c in val]))}) + "\n")
+            tqdm.write(f"[val] step {step}: judge R@1 {r['R@1']:.3f}  e.g. " + " | ".join(val[:3]))
+        if step % cfg.save_every == 0 or step == cfg.steps or stop["flag"]:
+            states = [None] * world_size
+            if dist.is_initialized():
+                dist.all_gather_object(states, rng_state())
+            else:
+                states = [rng_state()]
+            if main_rank:
+                save_checkpoint(run_dir, policy, processor, value_head, actor_opt, critic_opt, step, cfg, states)
+        if stop["flag"]:
+            if main_rank:
+                tqdm.write(f"interrupted: checkpoint saved at step {step}; continue with --resume --run-dir {run_dir}")
+            break
+    bar.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return run_dir
+
+
+def explained_variance(values, returns, mask) -> float:
+    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, 0 no better than a constant."""
+    m = mask.bool()
+    var_r = returns[m].var()
+    return float(1 - (returns[m] - values[m]).var() / var_r) if var_r > 0 else float("nan")
+
+
+@torch.no_grad()
+def approx_kl(policy, image_embeds, tokens, valid, logp_before, lm_head) -> float:
+    """How far this update moved the policy on its own samples: E[(r - 1) - log r], r = pi_new / pi_old."""
+    logp_after = kernels.fused_logprob(caption_states(policy, image_embeds, tokens)[valid], lm_head, tokens[valid])
+    log_ratio = logp_after - logp_before
+    return float((log_ratio.exp() - 1 - log_ratio).mean())
+
+
+def truncated_share(reward_fn, captions) -> float:
+    """Share of captions longer than a reward model's text limit: their tails are invisible to it."""
+    return float(np.mean([n > reward_fn.limit for n in reward_fn.token_counts(captions)]))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint: the resumed run logs those steps again."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(argv)
+    try:
+        train(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
