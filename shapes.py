@@ -25,8 +25,10 @@ Design choices (the world's models stand in for large pretrained ones, so traini
     caption's content words), half the time, and as a plain text LM the other half. A tiny LM
     pretrained on text alone learns to ignore any prefix, and BLIP-2 built on it writes one caption
     for every image.
- 3. The BLIP-2 vision encoder is pretrained first (attributes), then frozen, as BLIP-2's ViT is; the
-    Q-Former and projection are trained on the shallow captions only.
+ 3. BLIP-2's ViT is a CLIP image tower (EVA-CLIP ViT-g), so ours is the reward CLIP's, converted weight for
+    weight to `Blip2VisionModel` and frozen; BLIP2-ITM shares it, as in BLIP-2. The Q-Former and
+    projection are trained on the shallow captions only. (A ViT trained on the attribute loss alone
+    stayed at chance within the budget; CLIP's contrastive task gives it the curriculum it needs.)
  4. The build is deterministic for a seed and atomic (temp dir, then rename). A manifest records the
     settings, library versions and a SHA-256 per file; a stale or corrupt cache is rebuilt.
 """
@@ -60,7 +62,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForIm
                           Blip2QFormerConfig, Blip2VisionConfig, Blip2VisionModel, BlipImageProcessor,
                           OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast)
 
-WORLD_VERSION = 1  # bump when scenes, captions or training change, so old caches are rebuilt
+WORLD_VERSION = 3  # bump when scenes, captions or training change, so old caches are rebuilt
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation, shared by every model here
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -93,16 +95,15 @@ class WorldConfig:
     """BLIP-2 query tokens = soft-prefix length of the LM"""
     batch_size: int = 128
     lm_steps: int = 500
-    vision_steps: int = 250
     captioner_steps: int = 500
-    clip_steps: int = 250
+    clip_steps: int = 350
     itm_steps: int = 300
 
 
 PRESETS = {
     "default": WorldConfig("default"),
     "test": WorldConfig("test", n_train=1200, n_val=64, n_test=200, width=32, layers=1, lm_layers=1, judge_width=32,
-                        num_query_tokens=8, batch_size=64, lm_steps=120, vision_steps=60, captioner_steps=120,
+                        num_query_tokens=8, batch_size=64, lm_steps=120, captioner_steps=120,
                         clip_steps=60, itm_steps=60),
 }
 MODEL_DIRS = ("ref_lm", "captioner", "itm", "clip", "judge_clip")
@@ -416,11 +417,11 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-def content_ids(scene: Scene, tok, n: int) -> list[int]:
-    """The rich caption's content words (no articles, no filler) as token ids, in caption order,
-    padded to the prefix length n: what the LM learns to read from a soft prefix."""
+def content_ids(caption: str, tok, n: int) -> list[int]:
+    """A caption's content words (no articles or prepositions) as token ids, in caption order, padded to
+    the prefix length n: what the LM learns to read from a soft prefix. "a circle" -> [circle]."""
     stop = {"a", "an", "at", "the", "on", "in", "and", "background"}
-    words = [w.strip(",") for w in rich_caption(scene).split() if w.strip(",") not in stop]
+    words = [w.strip(",") for w in caption.split() if w.strip(",") not in stop]
     ids = tok(" ".join(words), add_special_tokens=False)["input_ids"][:n]
     return ids + [tok.pad_token_id] * (n - len(ids))
 
@@ -444,9 +445,12 @@ def train_ref_lm(cfg, tok, scenes, bar) -> OPTForCausalLM:
         labels = ids.masked_fill(mask == 0, -100)
         half = len(batch) // 2
         plain = lm(input_ids=ids[:half], attention_mask=mask[:half], labels=labels[:half]).loss
-        # prefixed half: the prefix states the *rich* caption's content, the text is a rich caption
-        rich = _pad([tok(rich_caption(s))["input_ids"] + [tok.eos_token_id] for s in batch[half:]], tok.pad_token_id)
-        prefix = torch.tensor([content_ids(s, tok, q) for s in batch[half:]])
+        # prefixed half: the prefix holds a caption's content words, shallow or rich, and the text is that
+        # caption, so that a soft prefix can ask for any level of detail (the captioner's and RL's lever)
+        texts = [rich_caption(s) if rng.random() < 0.3 else partial_caption(s, rng) if rng.random() < 0.7
+                 else shallow_caption(s, rng) for s in batch[half:]]
+        rich = _pad([tok(t)["input_ids"] + [tok.eos_token_id] for t in texts], tok.pad_token_id)
+        prefix = torch.tensor([content_ids(t, tok, q) for t in texts])
         rmask = (rich != tok.pad_token_id).long()
         embeds = torch.cat([embed(prefix), embed(rich)], 1)
         attn = torch.cat([torch.ones_like(prefix), rmask], 1)
@@ -473,26 +477,33 @@ def _labels(scenes, idx) -> torch.Tensor:
     return torch.tensor([attribute_labels(scenes[i]) for i in idx])
 
 
-def train_vision(cfg, images, scenes, bar) -> Blip2VisionModel:
-    """BLIP-2's ViT stand-in, pretrained to see every attribute, then frozen (design choice 3)."""
-    torch.manual_seed(cfg.seed + 2)
+def clip_to_blip2_vision(visual, cfg) -> Blip2VisionModel:
+    """BLIP-2's ViT *is* a CLIP image tower (EVA-CLIP ViT-g): build ours from the reward CLIP's, weight for
+    weight (design choice 3). open_clip -> transformers names; the k-bias is carried too (BLIP-2 keeps it
+    zero, and a k-bias does not change attention anyway)."""
     vision = Blip2VisionModel(_vision_config(cfg))
-    head = AttributeHead(cfg.width)
-    params = list(vision.parameters()) + list(head.parameters())
-    opt, sched = _optimizer(params, 1e-3, cfg.vision_steps)
-    for idx in _batches(len(scenes), cfg.batch_size, cfg.vision_steps, cfg.seed + 2):
-        feats = vision(pixel_values(images[idx.numpy()])).last_hidden_state  # (B, 1 + P, W)
-        loss = attribute_loss(head(feats.mean(1)), _labels(scenes, idx))
-        _step(loss, opt, sched, params, bar, stage="vision")
-        bar.update()
+    state = {"embeddings.class_embedding": visual.class_embedding.view(1, 1, -1),
+             "embeddings.position_embedding": visual.positional_embedding.unsqueeze(0),
+             "embeddings.patch_embedding.weight": visual.conv1.weight,
+             "embeddings.patch_embedding.bias": torch.zeros(cfg.width),  # open_clip's patch conv has no bias
+             "post_layernorm.weight": visual.ln_post.weight, "post_layernorm.bias": visual.ln_post.bias}
+    names = {"ln_1": "layer_norm1", "attn.in_proj_weight": "self_attn.qkv.weight",
+             "attn.in_proj_bias": "self_attn.qkv.bias", "attn.out_proj": "self_attn.projection", "ln_2": "layer_norm2",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for key, value in visual.transformer.state_dict().items():
+        layer, rest = key.removeprefix("resblocks.").split(".", 1)
+        for old, new in names.items():
+            if rest.startswith(old):
+                state[f"encoder.layers.{layer}.{new}{rest[len(old):]}"] = value
+    vision.load_state_dict(state)  # strict: every weight accounted for
     return vision.eval()
 
 
 def _vision_config(cfg) -> Blip2VisionConfig:
-    # the default initializer_range (1e-10) is for loading pretrained weights; from scratch it blinds the ViT
-    return Blip2VisionConfig(hidden_size=cfg.width, intermediate_size=4 * cfg.width, num_hidden_layers=cfg.layers,
+    """The reward CLIP's image tower in BLIP-2's terms (clip_to_blip2_vision fills in the weights)."""
+    return Blip2VisionConfig(hidden_size=cfg.width, intermediate_size=2 * cfg.width, num_hidden_layers=cfg.layers,
                              num_attention_heads=max(1, cfg.width // 32), image_size=cfg.image_size, patch_size=8,
-                             initializer_range=0.02)
+                             layer_norm_eps=1e-5)
 
 
 def _qformer_config(cfg, tok, text_input: bool) -> Blip2QFormerConfig:
@@ -510,7 +521,7 @@ def _fresh_blip(cls, cfg, tok, vision, text_config=None, text_input=False, **ext
                          text_config=text_config, num_query_tokens=cfg.num_query_tokens,
                          image_text_hidden_size=cfg.width, **extra)
     model = cls(config)
-    model.vision_model.load_state_dict(vision.state_dict())
+    model.vision_model.load_state_dict(vision.state_dict())  # BLIP-2 and BLIP2-ITM share one frozen ViT
     model.vision_model.requires_grad_(False)
     # BLIP-2 zero-initialises the query tokens (fine when loading weights, fatal from scratch)
     nn.init.normal_(model.query_tokens, std=0.02)
@@ -519,17 +530,20 @@ def _fresh_blip(cls, cfg, tok, vision, text_config=None, text_input=False, **ext
 
 def train_captioner(cfg, tok, vision, lm, feats, scenes, bar) -> Blip2ForConditionalGeneration:
     """Q-Former + projection trained on shallow captions; ViT and OPT frozen, as in BLIP-2."""
-    from vlrm import soft_prefix  # BLIP-2's image-to-LM bridge, explained where the method uses it
     torch.manual_seed(cfg.seed + 3)
     model = _fresh_blip(Blip2ForConditionalGeneration, cfg, tok, vision, text_config=lm.config.to_dict(),
                         image_token_index=tok.convert_tokens_to_ids("<image>"))
     model.language_model.load_state_dict(lm.state_dict())
     model.language_model.requires_grad_(False)
-    rng, params = random.Random(cfg.seed + 3), [p for p in model.parameters() if p.requires_grad]
-    opt, sched = _optimizer(params, 1e-3, cfg.captioner_steps)
+    head = AttributeHead(cfg.width)  # design choice 1, on the query outputs: the image must get through
+    rng = random.Random(cfg.seed + 3)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt, sched = _optimizer(params, 2e-3, cfg.captioner_steps)
     embed = model.get_input_embeddings()
     for idx in _batches(len(scenes), cfg.batch_size, cfg.captioner_steps, cfg.seed + 3):
-        prefix = soft_prefix(model, feats[idx])  # (B, Q, H_lm)
+        queries = model.qformer(query_embeds=model.query_tokens.expand(len(idx), -1, -1),
+                                encoder_hidden_states=feats[idx]).last_hidden_state  # (B, Q, W)
+        prefix = model.language_projection(queries)  # (B, Q, H_lm): soft_prefix, keeping the queries
         ids = _pad([tok(shallow_caption(scenes[i], rng))["input_ids"] + [tok.eos_token_id] for i in idx],
                    tok.pad_token_id)
         mask = (ids != tok.pad_token_id).long()
@@ -539,12 +553,14 @@ def train_captioner(cfg, tok, vision, lm, feats, scenes, bar) -> Blip2ForConditi
         # position Q + j predicts token j + 1 of [BOS, caption, EOS]
         pred = logits[:, prefix.shape[1]:-1]
         loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).reshape(-1))
+        loss = loss + attribute_loss(head(queries.mean(1)), _labels(scenes, idx))
         _step(loss, opt, sched, params, bar, stage="captioner")
         bar.update()
     return model.eval()
 
 
-def itm_logits(itm: Blip2ForImageTextRetrieval, image_embeds, input_ids, attention_mask) -> torch.Tensor:
+def itm_logits(itm: Blip2ForImageTextRetrieval, image_embeds, input_ids, attention_mask,
+               return_queries=False) -> torch.Tensor:
     """ITM logits (B, 2) [no match, match] on precomputed ViT features; the same computation as
     `itm(..., use_image_text_matching_head=True).logits_per_image` (tested)."""
     query = itm.query_tokens.expand(image_embeds.shape[0], -1, -1)
@@ -552,7 +568,8 @@ def itm_logits(itm: Blip2ForImageTextRetrieval, image_embeds, input_ids, attenti
     out = itm.qformer(query_embeds=itm.embeddings(input_ids=input_ids, query_embeds=query),
                       query_length=query.shape[1], attention_mask=attn,
                       encoder_hidden_states=image_embeds).last_hidden_state
-    return itm.itm_head(out[:, :query.shape[1]]).mean(1)
+    logits = itm.itm_head(out[:, :query.shape[1]]).mean(1)
+    return (logits, out[:, :query.shape[1]]) if return_queries else logits
 
 
 def train_itm(cfg, tok, vision, feats, scenes, bar) -> Blip2ForImageTextRetrieval:
@@ -560,8 +577,10 @@ def train_itm(cfg, tok, vision, feats, scenes, bar) -> Blip2ForImageTextRetrieva
     captions and hard negatives with one attribute wrong."""
     torch.manual_seed(cfg.seed + 4)
     model = _fresh_blip(Blip2ForImageTextRetrieval, cfg, tok, vision, text_input=True)
-    rng, params = random.Random(cfg.seed + 4), [p for p in model.parameters() if p.requires_grad]
-    opt, sched = _optimizer(params, 1e-3, cfg.itm_steps)
+    head = AttributeHead(cfg.width)  # design choice 1, on the query outputs
+    rng = random.Random(cfg.seed + 4)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt, sched = _optimizer(params, 2e-3, cfg.itm_steps)
     for idx in _batches(len(scenes), cfg.batch_size, cfg.itm_steps, cfg.seed + 4):
         texts, labels = [], []
         for i in idx.tolist():
@@ -573,8 +592,8 @@ def train_itm(cfg, tok, vision, feats, scenes, bar) -> Blip2ForImageTextRetrieva
             else:
                 texts.append(rich_caption(scenes[rng.randrange(len(scenes))])); labels.append(0)
         enc = tok(texts, padding=True, return_tensors="pt")
-        logits = itm_logits(model, feats[idx], enc["input_ids"], enc["attention_mask"])
-        loss = F.cross_entropy(logits, torch.tensor(labels))
+        logits, queries = itm_logits(model, feats[idx], enc["input_ids"], enc["attention_mask"], return_queries=True)
+        loss = F.cross_entropy(logits, torch.tensor(labels)) + attribute_loss(head(queries.mean(1)), _labels(scenes, idx))
         _step(loss, opt, sched, params, bar, stage="ITM")
         bar.update()
     return model.eval()
@@ -583,7 +602,7 @@ def train_itm(cfg, tok, vision, feats, scenes, bar) -> Blip2ForImageTextRetrieva
 def clip_config(cfg, width: int) -> dict:
     return dict(embed_dim=width,
                 vision_cfg=dict(image_size=cfg.image_size, layers=cfg.layers, width=width, head_width=32,
-                                patch_size=8, mlp_ratio=2.0),
+                                patch_size=8, mlp_ratio=2.0, no_ln_pre=True),  # no_ln_pre: as BLIP-2's ViT
                 text_cfg=dict(context_length=48, vocab_size=49408, width=width, heads=max(1, width // 32),
                               layers=cfg.layers, mlp_ratio=2.0))
 
@@ -636,26 +655,37 @@ def build_world(cfg: WorldConfig, out: Path, quiet: bool = False) -> None:
 
     rng = random.Random(cfg.seed)
     tok = train_tokenizer([lm_caption(s, rng) for s in train] + [shallow_caption(s, rng) for s in train])
-    total = cfg.lm_steps + cfg.vision_steps + cfg.captioner_steps + 2 * cfg.clip_steps + cfg.itm_steps
+    total = cfg.lm_steps + cfg.captioner_steps + 2 * cfg.clip_steps + cfg.itm_steps
+    seconds, t = {"scenes": time.time() - t0}, time.time()
+
+    def lap(stage):  # stage timings go into the report
+        nonlocal t
+        seconds[stage], t = round(time.time() - t, 1), time.time()
     with tqdm(total=total, desc=f"building world '{cfg.name}'", disable=quiet, mininterval=1) as bar:
         lm = train_ref_lm(cfg, tok, train, bar)
         lm.save_pretrained(out / "ref_lm")
         tok.save_pretrained(out / "ref_lm")
-        vision = train_vision(cfg, images, train, bar)
+        lap("ref_lm")
+        clip, model_cfg = train_clip(cfg, cfg.width, cfg.seed + 5, images, train, bar, stage="clip")
+        save_clip(clip, model_cfg, out / "clip")
+        vision = clip_to_blip2_vision(clip.visual, cfg)
         with torch.no_grad():  # the ViT is frozen from here on: its features are computed once
             feats = torch.cat([vision(pixel_values(images[i:i + 512])).last_hidden_state
                                for i in range(0, len(train), 512)])
+        lap("clip")
         captioner = train_captioner(cfg, tok, vision, lm, feats, train, bar)
         image_processor = BlipImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size},
                                              image_mean=list(MEAN), image_std=list(STD))
         captioner.save_pretrained(out / "captioner")
         Blip2Processor(image_processor, tok, num_query_tokens=cfg.num_query_tokens).save_pretrained(out / "captioner")
+        lap("captioner")
         itm = train_itm(cfg, tok, vision, feats, train, bar)
         itm.save_pretrained(out / "itm")
         Blip2Processor(image_processor, tok).save_pretrained(out / "itm")
-        for name, width, seed in (("clip", cfg.width, cfg.seed + 5), ("judge_clip", cfg.judge_width, cfg.seed + 6)):
-            clip, model_cfg = train_clip(cfg, width, seed, images, train, bar, stage=name)
-            save_clip(clip, model_cfg, out / name)
+        lap("itm")
+        judge, model_cfg = train_clip(cfg, cfg.judge_width, cfg.seed + 6, images, train, bar, stage="judge")
+        save_clip(judge, model_cfg, out / "judge_clip")
+        lap("judge_clip")
     build_seconds = time.time() - t0
     files = {str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
     manifest = {"world_version": WORLD_VERSION, "config": dataclasses.asdict(cfg), "build_seconds": build_seconds,
@@ -665,6 +695,7 @@ def build_world(cfg: WorldConfig, out: Path, quiet: bool = False) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     report = quality_report(World(out))
     report["build_seconds"] = round(build_seconds, 1)
+    report["stage_seconds"] = seconds
     (out / "report.json").write_text(json.dumps(report, indent=2))  # derived; not in the checksummed files
 
 

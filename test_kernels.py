@@ -3,16 +3,12 @@
 Accuracy idiom: compute the truth in fp64, PyTorch eager in the same low dtype, and require
     error(kernel) <= error(eager) + small atol
 so half-precision inputs are judged against what PyTorch itself achieves with them.
-Run: pytest -q test_kernels.py   (sets TRITON_INTERPRET=1 when there is no GPU)
+Run: pytest -q test_kernels.py   (conftest.py sets TRITON_INTERPRET=1 when there is no GPU)
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-import kernels as K  # noqa: E402  (after TRITON_INTERPRET: the @triton.jit decorators read it)
+import kernels as K  # conftest.py has switched on TRITON_INTERPRET when there is no GPU
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -193,6 +193,17 @@ def _load(cls, spec: str, **kwargs):
             f"  then pass that folder. ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def blip2_opt_2_7b_config() -> Blip2Config:
+    """The architecture of Salesforce/blip2-opt-2.7b, written out so that it can be built without a download
+    (on the meta device to count parameters, or with random weights to benchmark a GPU): an EVA ViT-g
+    (the library defaults), a 12-layer Q-Former with 32 queries, OPT-2.7B."""
+    opt = OPTConfig(vocab_size=50272, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
+                    max_position_embeddings=2048, word_embed_proj_dim=2560, pad_token_id=1, bos_token_id=2,
+                    eos_token_id=2)
+    return Blip2Config(vision_config=Blip2VisionConfig().to_dict(), qformer_config=Blip2QFormerConfig().to_dict(),
+                       text_config=opt.to_dict(), num_query_tokens=32)
+
+
 def load_policy(spec: str, trainable_state: str | None = None, dtype=torch.float32, device="cpu"):
     """BLIP-2 captioner and its processor. `trainable_state` optionally names a trainable-only state dict
     in the authors' format (e.g. vlrm-blip2-opt-2.7b.pt), loaded on top with strict=False as they do."""
@@ -387,6 +398,27 @@ def returns_to_go(sequence_reward, penalty, mask) -> torch.Tensor:
     return (sequence_reward[:, None] - to_go) * mask
 
 
+def a2c_losses(hidden, value_head, tokens, mask, returns, lm_head, ent_coef: float) -> dict:
+    """The losses of steps 2 and 3. hidden (B, T, H) carries the actor's graph; tokens, mask, returns (B, T).
+    Every mean runs over the valid tokens of *all* ranks, so the losses of the ranks add up, and their
+    summed gradients, to those of the combined batch."""
+    valid = mask.bool()
+    n = all_sum(mask.sum()).clamp(min=1)  # valid tokens in the global batch
+    values = value_head(hidden.detach())  # (B, T): the critic does not shape the actor's features
+    # critic: regress V(s_k) onto the return R(t_k)
+    value_loss = ((values - returns) ** 2 * mask).sum() / n
+    # actor: A = R - V, with V from *before* the critic update and detached (design choice 1)
+    advantages = (returns - values.detach()) * mask
+    mean = all_sum(advantages.sum()) / n
+    std = torch.sqrt(all_sum(((advantages - mean) ** 2 * mask).sum()) / n + 1e-8)
+    advantages = advantages / std  # (design choice 6)
+    logp, entropy = kernels.fused_logprob(hidden[valid], lm_head, tokens[valid], with_entropy=True)  # (N,) each
+    policy_loss = -(advantages[valid] * logp).sum() / n  # raise log pi(t_k) where A_k > 0
+    entropy_mean = entropy.sum() / n
+    return {"value": value_loss, "policy": policy_loss, "actor": policy_loss - ent_coef * entropy_mean,
+            "entropy": entropy_mean.detach(), "values": values.detach(), "logp": logp.detach()}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data: the world's training scenes, or any folder of images; index order is a function of the step.
 class ImageFiles(torch.utils.data.Dataset):
@@ -467,10 +499,17 @@ def dist_info():
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+    """Sum of a (detached) tensor over ranks; itself in a single process. NCCL reduces on the GPU."""
+    if not dist.is_initialized():
+        return x
+    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else x.device).clone()
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True if the flag is set on any rank: ranks must take every branch around a collective together."""
+    return bool(all_sum(torch.tensor(float(flag))) > 0)
 
 
 def sync_gradients(params) -> None:
@@ -485,9 +524,13 @@ def sync_gradients(params) -> None:
         p.grad = g.view_as(p)
 
 
-def masked_mean(x, mask) -> torch.Tensor:
-    """Mean over valid positions of all ranks (the global batch)."""
-    return (x * mask).sum() / all_sum(mask.sum().detach()).clamp(min=1)
+def check_ranks_agree(params) -> None:
+    """Every rank must hold the same trainable weights (same start, same summed gradients)."""
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().cpu()
+    sums = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, checksum.item())
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"ranks diverged: trainable-weight checksums {sums}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -558,6 +601,8 @@ def train(cfg: Config) -> Path:
                           else "cpu")
     if cfg.device == "cuda" and device.type != "cuda":
         raise UsageError("--device cuda, but torch sees no GPU")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
     kernels.set_backend(cfg.kernels)
     run_dir, main_rank = Path(cfg.run_dir), rank == 0
@@ -644,7 +689,7 @@ def train(cfg: Config) -> Path:
     t_last, step, steps_since_log, skipped_images = time.time(), start, 0, 0
     for images, n_bad in loader:
         skipped_images += n_bad
-        if images is None:
+        if any_rank(images is None):  # every file of a batch unreadable: skip the step on all ranks
             step += 1
             continue
         with torch.no_grad():
@@ -657,41 +702,29 @@ def train(cfg: Config) -> Path:
         sequence_reward = sum(weights[name] * r for name, r in parts.items())
         bad, repeat = penalties(tokens.cpu(), mask.cpu(), tokenizer, bad_regex, cfg.repeat_ngram)
         returns = returns_to_go(sequence_reward, cfg.w_bad * bad + cfg.w_repeat * repeat, mask.cpu()).to(device)
-        if not torch.isfinite(returns).all():
+        if any_rank(not torch.isfinite(returns).all()):
             tqdm.write(f"[warn] step {step}: non-finite reward; step skipped ({ {k: v.tolist() for k, v in parts.items()} })")
             step += 1
             continue
 
         hidden = caption_states(policy, image_embeds, tokens)  # (B, T, H), grad into the Q-Former
-        values_old = value_head(hidden.detach())  # (B, T)
-
-        # step 2: critic ------------------------------------------------------------------------------
-        value_loss = masked_mean((values_old - returns) ** 2, mask)
-        # step 3: actor, with A = R - V (V from before the critic step, detached) --------------------------
-        advantages = (returns - values_old.detach()) * mask
-        adv_std = torch.sqrt(masked_mean(advantages ** 2, mask) - masked_mean(advantages, mask) ** 2 + 1e-8)
-        advantages = advantages / adv_std
-        valid = mask.bool()
-        logp, entropy = kernels.fused_logprob(hidden[valid], lm_head, tokens[valid], with_entropy=True)  # (N,)
-        n_global = all_sum(valid.sum().float())
-        policy_loss = -(advantages[valid] * logp).sum() / n_global
-        entropy_mean = entropy.sum().detach() / n_global
-        actor_loss = policy_loss - cfg.ent_coef * entropy.sum() / n_global
-
-        if not (torch.isfinite(value_loss) and torch.isfinite(actor_loss)):
+        losses = a2c_losses(hidden, value_head, tokens, mask, returns, lm_head, cfg.ent_coef)
+        if any_rank(not (torch.isfinite(losses["value"]) and torch.isfinite(losses["actor"]))):
             tqdm.write(f"[warn] step {step}: non-finite loss; step skipped")
-            actor_opt.zero_grad(set_to_none=True)
-            critic_opt.zero_grad(set_to_none=True)
             step += 1
             continue
+
+        # step 2: critic update ---------------------------------------------------------------------
         critic_opt.zero_grad(set_to_none=True)
-        value_loss.backward()
+        losses["value"].backward()
         sync_gradients(list(value_head.parameters()))
         nn.utils.clip_grad_norm_(value_head.parameters(), cfg.max_grad_norm)
         critic_opt.step()
+
+        # step 3: actor update (after the critic's warm-up) --------------------------------------------
         if step >= cfg.value_warmup:
             actor_opt.zero_grad(set_to_none=True)
-            actor_loss.backward()
+            losses["actor"].backward()
             sync_gradients(list(params.values()))
             grad_norm = nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
             if torch.isfinite(grad_norm):
@@ -709,11 +742,12 @@ def train(cfg: Config) -> Path:
             metrics = {"step": step, "reward/total": float(sequence_reward.mean()),
                        **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
                        "penalty/bad": float(bad.sum(1).mean()), "penalty/repeat": float(repeat.sum(1).mean()),
-                       "losses/value": value_loss.item(), "losses/policy": policy_loss.item(),
-                       "charts/entropy": float(entropy_mean), "charts/caption_len": words,
+                       "losses/value": all_sum(losses["value"].detach()).item(),
+                       "losses/policy": all_sum(losses["policy"].detach()).item(),
+                       "charts/entropy": all_sum(losses["entropy"]).item(), "charts/caption_len": words,
                        "charts/caption_tokens": float(mask.sum(1).mean()),
-                       "charts/explained_variance": explained_variance(values_old.detach(), returns, mask),
-                       "charts/approx_kl": approx_kl(policy, image_embeds, tokens, valid, logp.detach(), lm_head),
+                       "charts/explained_variance": explained_variance(losses["values"], returns, mask),
+                       "charts/approx_kl": approx_kl(policy, image_embeds, tokens, mask.bool(), losses["logp"], lm_head),
                        "charts/skipped_images": skipped_images,
                        "perf/steps_per_s": steps_since_log / (time.time() - t_last)}
             for name in ("clip", "itm"):
@@ -731,11 +765,11 @@ def train(cfg: Config) -> Path:
                                     "val/caption_len": float(np.mean([len(c.split()) for c in val]))}) + "\n")
             tqdm.write(f"[val] step {step}: judge R@1 {r['R@1']:.3f}  e.g. " + " | ".join(val[:3]))
         if step % cfg.save_every == 0 or step == cfg.steps or stop["flag"]:
-            states = [None] * world_size
+            states = [rng_state()]
             if dist.is_initialized():
+                states = [None] * world_size
                 dist.all_gather_object(states, rng_state())
-            else:
-                states = [rng_state()]
+                check_ranks_agree(params.values())
             if main_rank:
                 save_checkpoint(run_dir, policy, processor, value_head, actor_opt, critic_opt, step, cfg, states)
         if stop["flag"]:
