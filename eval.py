@@ -102,12 +102,8 @@ class Dataset:
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """Shorter side to `size`, centre crop: the same preprocessing as vlrm.ImageFiles."""
-    img = Image.open(path).convert("RGB")
-    s = size / min(img.size)
-    img = img.resize((max(size, round(img.width * s)), max(size, round(img.height * s))), Image.Resampling.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)))
+    """The same preprocessing as training (vlrm.ImageFiles)."""
+    return vlrm.center_square(Image.open(path), size)
 
 
 def load_files(ids, paths, references, size, skip_bad) -> Dataset:

@@ -440,7 +440,7 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(world, tmp_path)
 
 def test_torchrun_two_ranks_end_to_end(world_root, world, tmp_path):
     run = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "vlrm.py", *train_args(world_root, run, 2)], cwd=REPO, env=run_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]  # includes the ranks' weight-checksum agreement check

@@ -382,7 +382,9 @@ def penalties(tokens, mask, tokenizer, bad_regex: re.Pattern, ngram: int) -> tup
         text = "".join(texts)
         for m in bad_regex.finditer(text):
             bad[b, int(np.searchsorted(ends, m.end()))] += 1
-        words, seen = [(w.group(), int(np.searchsorted(ends, w.end()))) for w in re.finditer(r"\S+", text)], set()
+        # words without punctuation or case, each with the token that completes it
+        words = [(w.group().lower(), int(np.searchsorted(ends, w.end()))) for w in re.finditer(r"[\w']+", text)]
+        seen = set()
         for i in range(ngram - 1, len(words)):
             gram = tuple(w for w, _ in words[i - ngram + 1: i + 1])
             if gram in seen:
@@ -443,14 +445,19 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            img = Image.open(self.files[i]).convert("RGB")
+            return torch.from_numpy(center_square(Image.open(self.files[i]), self.size))
         except Exception:  # any decoding problem: skip this file, never stop the run
             return None
-        s = self.size / min(img.size)  # shorter side to `size`, then centre crop (CLIP's preprocessing)
-        img = img.resize((max(self.size, round(img.width * s)), max(self.size, round(img.height * s))),
-                         Image.Resampling.BICUBIC)
-        left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
-        return torch.from_numpy(np.asarray(img.crop((left, top, left + self.size, top + self.size))).copy())
+
+
+def center_square(img: Image.Image, size: int) -> np.ndarray:
+    """Shorter side to `size` (bicubic), then the centre crop: CLIP's preprocessing, once, at decode time.
+    -> uint8 (size, size, 3)."""
+    img = img.convert("RGB")
+    s = size / min(img.size)
+    img = img.resize((max(size, round(img.width * s)), max(size, round(img.height * s))), Image.Resampling.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return np.array(img.crop((left, top, left + size, top + size)))
 
 
 class WorldImages(torch.utils.data.Dataset):
@@ -617,7 +624,13 @@ def train(cfg: Config) -> Path:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
 
     # the models: the world's unless given; the judge only ever validates
-    world = shapes.load_world(cfg.world, root=cfg.world_root) if cfg.preset == "shapes" else None
+    world = None
+    if cfg.preset == "shapes":  # rank 0 builds it on first use (transformers saves weights on rank 0 only)
+        if rank > 0:
+            dist.barrier()
+        world = shapes.load_world(cfg.world, root=cfg.world_root)
+        if rank == 0 and dist.is_initialized():
+            dist.barrier()
     for key, model in (("policy", "captioner"), ("itm", "itm"), ("ref_lm", "ref_lm"), ("clip", "clip"),
                        ("judge_clip", "judge_clip")):
         if getattr(cfg, key) is None and world is not None:
