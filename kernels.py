@@ -29,7 +29,6 @@ for CUDA tensors (or under TRITON_INTERPRET=1) and the reference otherwise.
 """
 import argparse
 import json
-import math
 import os
 import time
 

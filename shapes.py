@@ -35,7 +35,6 @@ Design choices (the world's models stand in for large pretrained ones, so traini
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -46,7 +45,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -331,6 +331,7 @@ def test_resume_matches_an_uninterrupted_run(world_root, world, tmp_path, monkey
     (["--reward", "clipscore"], "--reward must be one of"),
     (["--kernels", "cuda"], "--kernels must be one of"),
     (["--bad-phrases", "(unclosed"], "not a valid regular expression"),
+    (["--preset", "paper"], "--preset paper needs --images"),
 ])
 def test_bad_values_exit_2(args, message):
     proc = subprocess.run([sys.executable, "vlrm.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -169,6 +168,8 @@ def parse_config(argv=None) -> Config:
     for key, value in {**PRESETS[cfg.preset], **REWARDS[cfg.reward]}.items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
+    if cfg.preset == "paper" and not cfg.images:
+        parser.error("--preset paper needs --images: a folder of training images, or a text file of paths")
     if cfg.batch_size <= 0 or cfg.max_new_tokens <= 0:
         parser.error("--batch-size and --max-new-tokens must be positive integers")
     try:
