@@ -62,7 +62,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from PIL import Image
 
@@ -261,9 +260,7 @@ def caption(policy, processor, images: np.ndarray, args, device) -> list[str]:
 class ClipJudge:
     def __init__(self, spec: str, images: np.ndarray, device, batch: int = 256):
         self.model, self.tokenizer, _ = vlrm.load_clip(spec, device)
-        v = self.model.visual
-        to_pixels = vlrm.normalizer(v.image_mean or open_clip.OPENAI_DATASET_MEAN,
-                                    v.image_std or open_clip.OPENAI_DATASET_STD, v.image_size[0], device)
+        to_pixels = vlrm.clip_normalizer(self.model, device)
         self.device, self.batch = device, batch
         with torch.no_grad():  # the gallery is encoded once for every policy
             self.image_emb = torch.cat([self.model.encode_image(to_pixels(torch.from_numpy(np.array(

@@ -255,6 +255,13 @@ def processor_normalizer(processor, device):
     return normalizer(ip.image_mean, ip.image_std, ip.size["height"], device)
 
 
+def clip_normalizer(model, device):
+    """The normaliser of an open_clip model (OpenAI's statistics where the model names none)."""
+    v = model.visual
+    return normalizer(v.image_mean or open_clip.OPENAI_DATASET_MEAN, v.image_std or open_clip.OPENAI_DATASET_STD,
+                      v.image_size[0], device)
+
+
 # ----------------------------------------------------------------------------------------------------
 # BLIP-2 pieces the loop needs: the image prefix, rollouts and the hidden states of caption positions.
 def soft_prefix(policy: Blip2ForConditionalGeneration, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -322,8 +329,7 @@ class ValueHead(nn.Module):
 def clip_reward(spec: str, device):
     """Cosine similarity of CLIP's image and text embeddings."""
     model, tokenizer, _ = load_clip(spec, device)
-    to_pixels = normalizer(model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN,
-                           model.visual.image_std or open_clip.OPENAI_DATASET_STD, model.visual.image_size[0], device)
+    to_pixels = clip_normalizer(model, device)
 
     @torch.no_grad()
     def reward(images, captions):
@@ -684,7 +690,7 @@ def train(cfg: Config) -> Path:
         num_workers=cfg.num_workers, collate_fn=collate, generator=torch.Generator())  # keeps global RNG untouched
     if main_rank and val_images is not None:
         judge, judge_tokenizer, _ = load_clip(cfg.judge_clip or cfg.clip, device)
-        judge_pixels = normalizer(judge.visual.image_mean, judge.visual.image_std, judge.visual.image_size[0], device)
+        judge_pixels = clip_normalizer(judge, device)
     # everything is loaded: from here on the RNG drives only sampling, so a resumed run matches an unbroken one
     if ckpt is not None:
         set_rng_state(trainer["rng"][rank])
