@@ -150,13 +150,17 @@ def _logprob_fwd_kernel(
     zt_ptr,       # (S, N) fp32 out: target logit if it lies in this split, else 0
     N, V, H,      # sizes
     stride_hn, stride_wv,  # row strides of hidden and weight (columns are contiguous)
-    V_SPLIT,      # vocabulary columns per split, a multiple of BLOCK_V
+    N_BUCKET,     # next power of 2 >= N: unused here, only part of the autotuner's key
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Program (pid_n, pid_s): rows [pid_n*BLOCK_N, +BLOCK_N) x vocabulary split pid_s.  Splitting
-    # the vocabulary gives the GPU enough programs (N/64 = 60 row blocks alone fill half an H100).
+    # Program (pid_n, pid_s): rows [pid_n*BLOCK_N, +BLOCK_N) x vocabulary split pid_s of the S =
+    # num_programs(1) splits.  Splitting the vocabulary gives the GPU enough programs (N/64 = 60
+    # row blocks alone fill half an H100).  The launcher picks S, the autotuner BLOCK_V, so the
+    # split's columns are worked out here, in whole BLOCK_V tiles.  Trailing splits may be empty:
+    # they store m = NEG, s = a = zt = 0, which the merge weighs by exp(NEG - m) = 0.
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    v_split = tl.cdiv(tl.cdiv(V, BLOCK_V), tl.num_programs(1)) * BLOCK_V
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
@@ -164,8 +168,8 @@ def _logprob_fwd_kernel(
     s = tl.zeros((BLOCK_N,), tl.float32)
     a = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
-    v_end = tl.minimum(pid_s * V_SPLIT + V_SPLIT, V)
-    for v0 in range(pid_s * V_SPLIT, v_end, BLOCK_V):
+    v_end = tl.minimum(pid_s * v_split + v_split, V)
+    for v0 in range(pid_s * v_split, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
         z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
@@ -197,6 +201,7 @@ def _logprob_bwd_kernel(
     dz_ptr,       # (N, VC) out: gradient of the logits for vocabulary columns [v_lo, v_lo + VC)
     N, V, H, v_lo, VC,     # sizes; this launch covers columns [v_lo, min(v_lo + VC, V))
     stride_hn, stride_wv, stride_dn,  # row strides of hidden, weight and dz
+    N_BUCKET,     # next power of 2 >= N: unused here, only part of the autotuner's key
     HAS_ENT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -220,45 +225,124 @@ def _logprob_bwd_kernel(
              dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _lm_config(hidden):
-    """Block sizes, chosen here (the interpreter has no autotune).  The interpreter's cost is
-    programs x loop trips, so it gets few, big programs; the GPU gets tensor-core tiles."""
-    fp32 = hidden.dtype == torch.float32
-    cfg = dict(UPCAST=INTERPRET or fp32, PRECISION="ieee" if fp32 else "tf32")
+# Tile sizes.  On a GPU they are the autotuner's pick, timed once per (N bucket, V, H, dtypes) on
+# the first call, from candidates that suit Hopper: wgmma multiplies 64-row slices per warp group,
+# so BLOCK_N is 64 or 128, and 3-4 stages of (BLOCK_N + BLOCK_V) x BLOCK_H bf16 tiles fit its
+# 228 KB of shared memory.  The (BLOCK_N, BLOCK_V) fp32 logits tile lives in registers:
+# 128 x 256 is 128 registers a thread with 8 warps (as in Triton's matmul tutorial) and would
+# spill with 4, so it is offered with 8 only.  A candidate that does not fit (fp32 inputs need
+# twice the shared memory) fails to compile and the autotuner skips it.
+def _lm_tile(block_n, block_v, block_h, num_warps, num_stages):
+    return triton.Config(dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h),
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+LM_CONFIGS = [
+    _lm_tile(64, 128, 64, 8, 3),      # the hand-picked config before autotuning; small problems
+    _lm_tile(64, 128, 64, 4, 4),
+    _lm_tile(64, 256, 64, 8, 3),
+    _lm_tile(128, 128, 64, 8, 3),
+    _lm_tile(128, 128, 64, 8, 4),
+    _lm_tile(128, 128, 32, 8, 4),
+    _lm_tile(128, 256, 64, 8, 3),
+]
+
+
+def _first_if_small(configs, named_args, **kwargs):
+    """A problem of microseconds is not worth compiling and timing every candidate: the first."""
+    work = named_args["N_BUCKET"] * named_args.get("VC", named_args["V"]) * named_args["H"]
+    return configs if work >= 1 << 30 else configs[:1]
+
+
+def _autotuned(kernel, key):
+    """`kernel` under the autotuner on a GPU; as it is under the interpreter, which has none.
+    Safe to re-run while tuning: both LM-head kernels only store their outputs, never add to
+    them.  N varies from call to call in training, so the key holds a power-of-2 bucket of N."""
     if INTERPRET:
-        cfg.update(BLOCK_N=min(128, triton.next_power_of_2(max(hidden.shape[0], 16))),
-                   BLOCK_V=256, BLOCK_H=128, chunk=512, num_warps=4)
+        return kernel
+    return triton.autotune(LM_CONFIGS, key=key, prune_configs_by={"early_config_prune": _first_if_small})(kernel)
+
+
+_logprob_fwd = _autotuned(_logprob_fwd_kernel, key=["N_BUCKET", "V", "H"])
+_logprob_bwd = _autotuned(_logprob_bwd_kernel, key=["N_BUCKET", "VC", "H"])
+
+
+def _lm_meta(hidden):
+    """Compile-time arguments.  The interpreter's cost is programs x loop trips, so it gets a fixed
+    config of few, big programs; on a GPU the tiles are left to the autotuner."""
+    fp32 = hidden.dtype == torch.float32
+    meta = dict(UPCAST=INTERPRET or fp32, PRECISION="ieee" if fp32 else "tf32")
+    if INTERPRET:
+        meta.update(BLOCK_N=min(128, triton.next_power_of_2(max(hidden.shape[0], 16))),
+                    BLOCK_V=256, BLOCK_H=128, num_warps=4)
+    return meta
+
+
+def _vocab_splits(hidden, V):
+    """Vocabulary splits S of the forward, fixed before the autotuner picks the tiles.  On a GPU:
+    ~8 programs per SM even with the largest tiles (128 rows x 256 columns), so the last wave is
+    a small part of the run; the (S, N) partial results stay small (36 x 3840 at the paper's
+    shape on 132 SMs).  Under the interpreter: about 2 programs of its fixed config."""
+    if INTERPRET:
+        meta = _lm_meta(hidden)
+        block_n, block_v, programs = meta["BLOCK_N"], meta["BLOCK_V"], 2
     else:
-        cfg.update(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, chunk=4096, num_warps=8)
-    return cfg
-
-
-def _lm_meta(cfg):
-    return {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "UPCAST", "PRECISION", "num_warps")}
+        block_n, block_v = 128, 256
+        programs = 8 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
+    return min(triton.cdiv(programs, triton.cdiv(hidden.shape[0], block_n)), triton.cdiv(V, block_v))
 
 
 def _triton_logprob_fwd(hidden, weight, targets):
     """-> logp, entropy, lse, each (N,) fp32; no (N, V) tensor is ever allocated."""
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = _lm_config(hidden)
-    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    # enough vocab splits for ~2 programs per SM on a GPU; one split under the interpreter
-    sms = 1 if INTERPRET else torch.cuda.get_device_properties(hidden.device).multi_processor_count
-    splits = min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(V, cfg["BLOCK_V"]))
-    v_split = triton.cdiv(triton.cdiv(V, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
-    splits = triton.cdiv(V, v_split)
+    splits = _vocab_splits(hidden, V)
     m, s, a, zt = (torch.empty(splits, N, device=hidden.device, dtype=torch.float32) for _ in range(4))
-    _logprob_fwd_kernel[(n_blocks, splits)](
+    _logprob_fwd[lambda META: (triton.cdiv(N, META["BLOCK_N"]), splits)](
         hidden, weight, targets, m, s, a, zt, N, V, H, hidden.stride(0), weight.stride(0),
-        v_split, **_lm_meta(cfg))
-    # merge the splits exactly as the loop merges tiles (O(S*N) work)
+        triton.next_power_of_2(N), **_lm_meta(hidden))
+    # merge the splits exactly as the loop merges tiles (O(S*N) work).  An empty split has
+    # m = NEG: scale = exp(NEG - m_all) = 0 and s = a = 0, so it adds exact zeros, no NaN.
     m_all = m.max(0).values
     scale = torch.exp(m - m_all)
     s_all = (scale * s).sum(0)
     a_all = (scale * (a + s * (m - m_all))).sum(0)
     lse = m_all + s_all.log()
     return zt.sum(0) - lse, s_all.log() - a_all / s_all, lse
+
+
+DZ_ELEMS = 1 << 25  # the backward's dz buffer: at most ~32 M elements (64 MB in bf16)
+
+
+def _dz_chunk(N, V):
+    """Vocabulary columns per backward step: as few steps as the dz budget allows (each step's
+    launch ends in a partly idle wave, and cuBLAS is faster on a longer K), in equal chunks
+    rounded to 256 (the widest BLOCK_V).  Under the interpreter: 512, to exercise several."""
+    if INTERPRET:
+        return min(512, V)
+    steps = triton.cdiv(N * V, DZ_ELEMS)
+    return min(V, triton.cdiv(triton.cdiv(V, steps), 256) * 256)
+
+
+_ADDMM_FP32 = True  # does torch.addmm(..., out_dtype=fp32) add into an fp32 tensor here? (CUDA only;
+                    # the overload's first versions want it in the inputs' dtype: then False)
+
+
+def _addmm_fp32_(acc, a, b):
+    """acc += a @ b, with acc fp32 and a, b maybe half: cuBLAS adds into acc in its epilogue.
+    Else (CPU, or a torch whose out_dtype overload wants `acc` in the inputs' dtype) a half product
+    is upcast and added: two (N, H) temporaries and three more passes over them."""
+    global _ADDMM_FP32
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _ADDMM_FP32:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_FP32 = False
+    acc += (a @ b).to(acc.dtype)
 
 
 def _triton_logprob_bwd(hidden, weight, targets, lse, ent, g, g_ent, need_grad_w):
@@ -269,31 +353,45 @@ def _triton_logprob_bwd(hidden, weight, targets, lse, ent, g, g_ent, need_grad_w
     grad_hidden = dz @ W  (N, H)          grad_W = dz^T @ hidden  (V, H)
 
     The kernel recomputes the logits from the saved lse and writes dz for one vocabulary chunk
-    (N x 4096: 31 MB in bf16 at the paper's shape, vs 386 MB for all logits); cuBLAS then does
-    the two big matmuls at full speed.  Accumulating grad_hidden inside the kernel instead
-    would need a (BLOCK_N, H) fp32 accumulator per program (640 KB at H = 2560: no registers
-    hold that) or V / BLOCK_V read-modify-writes of grad_hidden through L2.
+    (N x 8448: 65 MB in bf16 at the paper's shape, vs 386 MB for all logits); cuBLAS then does
+    the two big matmuls at full speed, adding into an fp32 grad_hidden.  Accumulating
+    grad_hidden inside the kernel instead would need a (BLOCK_N, H) fp32 accumulator per program
+    (640 KB at H = 2560: no registers hold that) or V / BLOCK_V read-modify-writes of
+    grad_hidden through L2.
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = _lm_config(hidden)
-    chunk = cfg["chunk"]
-    dz = torch.empty(N, min(chunk, V), device=hidden.device, dtype=weight.dtype)
+    chunk = _dz_chunk(N, V)
+    dz = torch.empty(N, chunk, device=hidden.device, dtype=weight.dtype)
     grad_h = torch.zeros(N, H, device=hidden.device, dtype=torch.float32)
     grad_w = torch.empty_like(weight) if need_grad_w else None
     hidden_w = hidden.to(weight.dtype)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(dz.shape[1], cfg["BLOCK_V"]))
+    def grid(META):                                              # tiles come from the autotuner
+        return triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(chunk, META["BLOCK_V"])
+
     for v_lo in range(0, V, chunk):
         v_hi = min(v_lo + chunk, V)
-        _logprob_bwd_kernel[grid](
+        _logprob_bwd[grid](
             hidden, weight, targets, lse, ent, g, g if g_ent is None else g_ent, dz, N, V, H,
-            v_lo, chunk, hidden.stride(0), weight.stride(0), dz.stride(0), HAS_ENT=g_ent is not None,
-            **_lm_meta(cfg))
+            v_lo, chunk, hidden.stride(0), weight.stride(0), dz.stride(0), triton.next_power_of_2(N),
+            HAS_ENT=g_ent is not None, **_lm_meta(hidden))
         dz_c = dz[:, : v_hi - v_lo]
-        grad_h += (dz_c @ weight[v_lo:v_hi]).float()
+        _addmm_fp32_(grad_h, dz_c, weight[v_lo:v_hi])
         if need_grad_w:
-            grad_w[v_lo:v_hi] = dz_c.t() @ hidden_w
+            torch.mm(dz_c.t(), hidden_w, out=grad_w[v_lo:v_hi])
     return grad_h.to(hidden.dtype), grad_w
+
+
+def lm_head_tuning(hidden, weight):
+    """What the LM-head kernels run with at this size, for the record: the autotuner's latest pick
+    (None before the first call), the forward's vocabulary splits, the backward's chunk."""
+    def pick(kernel):
+        cfg = getattr(kernel, "best_config", None)
+        return None if cfg is None else dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dict(fwd="interpreter" if INTERPRET else pick(_logprob_fwd),
+                bwd="interpreter" if INTERPRET else pick(_logprob_bwd),
+                vocab_splits=_vocab_splits(hidden, weight.shape[0]),
+                dz_chunk=_dz_chunk(hidden.shape[0], weight.shape[0]), grad_h_addmm_fp32=_ADDMM_FP32)
 
 
 class _TritonLogProb(torch.autograd.Function):
@@ -501,7 +599,7 @@ def recall_at_k(ranks, ks=(1, 5, 10)) -> dict:
 def _measure(fn, device, reps):
     """-> (median ms, peak memory above the starting point in MB, or None on the CPU)."""
     cuda = device.type == "cuda"
-    fn()                                                          # warm-up (and Triton compile)
+    fn()                              # warm-up: Triton compiles and autotunes here, not in the timing
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -565,9 +663,11 @@ def bench(out=None):
     add("eager fwd+bwd", shape, step(lambda: logprob_eager(hidden, weight, targets)), 2 * flops, "TFLOP/s")
     add("chunked torch fwd+bwd", shape,
         step(lambda: fused_logprob(hidden, weight, targets, backend="torch")), 2 * flops, "TFLOP/s")
+    tuning = None
     if gpu:
         add("triton fwd+bwd", shape,
             step(lambda: fused_logprob(hidden, weight, targets, backend="triton")), 2 * flops, "TFLOP/s")
+        tuning = lm_head_tuning(hidden, weight)                # the configs the figures were timed with
     del hidden, weight
 
     for n in sizes:
@@ -597,12 +697,14 @@ def bench(out=None):
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         print(f"{r['name']:<32}{r['shape']:<30}{r['ms']:>10.2f}{peak:>10}"
               f"{r['rate']:>8.3g} {r['unit']:<7}{r['pct_of_ceiling']:>8.0f}")
+    if tuning:
+        print(f"LM-head kernels: {json.dumps(tuning)}")
     if not gpu:
         print("CPU run: reduced shapes, PyTorch paths only; the Triton figures need a CUDA GPU.")
     if out:
         with open(out, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, triton=triton.__version__,
-                           dtype=str(dtype), ceiling=ceil, rows=rows), f, indent=1)
+                           dtype=str(dtype), ceiling=ceil, rows=rows, lm_head_tuning=tuning), f, indent=1)
 
 
 if __name__ == "__main__":

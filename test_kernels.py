@@ -50,9 +50,11 @@ def assert_no_worse(got, eager, truth, dtype, what, rel=None):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_logprob_entropy_and_grads_vs_fp64(dtype, backend):
+def test_logprob_entropy_and_grads_vs_fp64(dtype, backend, monkeypatch):
     # irregular sizes: N, H, V are no block multiples; N = 70 leaves masked rows in the block
     hidden, weight, targets = make_lm(70, 100, 1823, dtype)
+    monkeypatch.setattr(K, "DZ_ELEMS", 70 * 512)       # GPU: backward in 4 vocabulary chunks, as
+                                                       # the interpreter's fixed chunk of 512 does
     g, ge = torch.randn(70, device=DEV), torch.randn(70, device=DEV)
 
     def fused(h, w, t):
@@ -136,9 +138,10 @@ def test_policy_loss_mask_and_advantages(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pair_similarity(dtype):
-    g = torch.Generator().manual_seed(5)
-    x = (3 * torch.randn(37, 781, generator=g)).to(DEV, dtype)
-    y = (x.float() + torch.randn(37, 781, generator=g)).to(DEV, dtype)
+    g = torch.Generator().manual_seed(5)                # CPU generator: draw on the CPU, then move
+    x = (3 * torch.randn(37, 781, generator=g)).to(dtype)
+    y = (x.float() + torch.randn(37, 781, generator=g)).to(dtype)
+    x, y = x.to(DEV), y.to(DEV)
     x[4], y[3] = 0, 0                             # zero embeddings: similarity 0, not NaN
     got = K.pair_similarity(x, y, backend="triton").double()
     normalize = torch.nn.functional.normalize   # (cosine_similarity overflows in fp16, and
