@@ -280,6 +280,16 @@ def test_trainable_set_is_what_the_authors_released(world, policy):
     assert not any(n.startswith(("vision_model.", "language_model.")) for n in names)
 
 
+def test_bf16_policy_keeps_fp32_trainable_weights(world):
+    """The paper preset loads the policy in bf16; what is trained must stay fp32 (found on a GPU:
+    a bf16 Q-Former met the fp32 projection with a dtype error)."""
+    model, _ = vlrm.load_policy(world.path("captioner"), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in vlrm.trainable_parameters(model).values())
+    assert model.language_model.dtype == torch.bfloat16
+    embeds = model.vision_model(torch.zeros(2, 3, 48, 48, dtype=torch.bfloat16)).last_hidden_state
+    assert vlrm.soft_prefix(model, embeds).dtype == torch.bfloat16  # the frozen LM's dtype
+
+
 # ----------------------------------------------------------------------------------------------------
 # Running it: smoke run, checkpoints, resume, bad input
 def train_args(world_root, tmp, steps, *extra):

@@ -218,7 +218,10 @@ def load_policy(spec: str, trainable_state: str | None = None, dtype=torch.float
         unexpected = policy.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
             raise UsageError(f"{trainable_state!r} has keys that are not in the policy, e.g. {unexpected[:3]}")
-    policy.language_projection.float()  # trained: keep fp32 master weights (Q-Former, queries already are)
+    # the trained parts keep fp32 master weights whatever the frozen parts' dtype
+    policy.qformer.float()
+    policy.language_projection.float()
+    policy.query_tokens.data = policy.query_tokens.data.float()
     return policy.to(device).eval(), processor
 
 
@@ -770,6 +773,8 @@ def train(cfg: Config) -> Path:
                        "charts/approx_kl": approx_kl(policy, image_embeds, tokens, mask.bool(), losses["logp"], lm_head),
                        "charts/skipped_images": skipped_images,
                        "perf/steps_per_s": steps_since_log / (time.time() - t_last)}
+            if device.type == "cuda":  # peak since the start, weights included
+                metrics["perf/gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             for name in ("clip", "itm"):
                 if name in rewards:
                     metrics[f"charts/{name}_truncated"] = truncated_share(rewards[name], captions)
