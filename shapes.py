@@ -4,7 +4,8 @@ VLRM fine-tunes BLIP-2 OPT-2.7B with rewards from CLIP and BLIP2-ITM. None of th
 downloaded here, and none would run on a 2-core CPU. So this file builds a world in miniature where the
 same code, the same model classes and the same file formats reproduce the paper's premise:
 
-* scenes: 48x48 pictures of 1-3 coloured shapes on a background, each with known attributes;
+* scenes: 48x48 pictures of a large coloured shape and up to two small ones on a background, each
+  with known attributes;
 * a captioner (`Blip2ForConditionalGeneration`) trained on *shallow* captions ("a circle"), like BLIP-2
   trained on COCO/LAION captions that name only the main object;
 * reward models that know better: an open_clip CLIP and a `Blip2ForImageTextRetrieval` ITM model,
@@ -20,7 +21,10 @@ Run:
 Design choices (the world's models stand in for large pretrained ones, so training tricks are fair):
  1. Every image tower is trained with an auxiliary loss that predicts the scene's attributes (what
     sits in each of the 9 grid cells, and the background). Contrastive learning alone never learned
-    positions in a CPU-sized budget; the aux loss teaches them in a minute.
+    positions in a CPU-sized budget; the aux loss teaches them in a minute. The CLIP image towers use
+    16-px patches, one per grid cell, and each patch token is also asked what object its cell holds
+    (a dense loss). With 8-px patches every object was split over four tokens and a probe read its
+    shape at 0.37 (chance 0.20); with one token per object and the dense loss, at 0.97.
  2. The OPT language model is pretrained with a soft prefix it must read (the embeddings of the
     caption's content words), half the time, and as a plain text LM the other half. A tiny LM
     pretrained on text alone learns to ignore any prefix, and BLIP-2 built on it writes one caption
@@ -61,7 +65,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForIm
                           Blip2QFormerConfig, Blip2VisionConfig, Blip2VisionModel, BlipImageProcessor,
                           OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast)
 
-WORLD_VERSION = 3  # bump when scenes, captions or training change, so old caches are rebuilt
+WORLD_VERSION = 5  # bump when scenes, captions or training change, so old caches are rebuilt
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation, shared by every model here
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -75,7 +79,9 @@ class WorldConfig:
     seed: int = 0
     """every scene and every weight follows from it"""
     image_size: int = 48
-    """pixels; 8-px patches give a 6x6 grid, 2x2 patches per scene cell"""
+    """pixels"""
+    patch_size: int = 16
+    """ViT patch side; image_size / 3, so that each grid cell is one patch and each object one token"""
     n_train: int = 20000
     """training scenes (world models and RL rollouts)"""
     n_val: int = 500
@@ -88,14 +94,14 @@ class WorldConfig:
     """transformer layers of the vision towers"""
     lm_layers: int = 2
     """transformer layers of the OPT language model"""
-    judge_width: int = 128
+    judge_width: int = 64
     """the judge CLIP differs in width and seed from the reward CLIP"""
     num_query_tokens: int = 16
     """BLIP-2 query tokens = soft-prefix length of the LM"""
     batch_size: int = 128
     lm_steps: int = 500
     captioner_steps: int = 500
-    clip_steps: int = 350
+    clip_steps: int = 600
     itm_steps: int = 300
 
 
@@ -134,7 +140,7 @@ class Obj:
 
 @dataclass(frozen=True)
 class Scene:
-    objects: tuple[Obj, ...]  # main object first (largest, then reading order), then reading order
+    objects: tuple[Obj, ...]  # main object first (the large one), then reading order
     background: str
 
     def key(self) -> tuple:
@@ -148,9 +154,12 @@ def _order(objects) -> tuple[Obj, ...]:
 
 
 def sample_scene(rng: random.Random) -> Scene:
+    """One large main object, like a photo's subject, and up to two small ones. (With sizes drawn freely,
+    'main' among equal sizes fell back to reading order, and the base captioner picked the wrong object
+    in 23% of two-large scenes but in 0.4% of scenes with one large object.)"""
     cells = rng.sample(range(9), rng.randint(1, 3))
-    objects = [Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), c,
-                   rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)) for c in cells]
+    objects = [Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), "small" if i else "large", c,
+                   rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)) for i, c in enumerate(cells)]
     return Scene(_order(objects), rng.choice(list(BACKGROUNDS)))
 
 
@@ -472,6 +481,18 @@ class AttributeHead(nn.Module):
         return self.net(x)
 
 
+CELL_CLASSES = ATTR_CLASSES[:3]  # one grid cell: shape, colour, size (0 = empty)
+
+
+def cell_loss(head: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The dense loss of design choice 1: patch tokens (B, 9, D), one per grid cell in row-major order,
+    each predict their cell's shape, colour and size. labels (B, 28) as from attribute_labels."""
+    cells = labels[:, :27].view(-1, 9, 3)
+    logits = head(tokens).split(CELL_CLASSES, dim=-1)
+    return torch.stack([F.cross_entropy(lg.flatten(0, 1), cells[..., j].flatten())
+                        for j, lg in enumerate(logits)]).mean()
+
+
 def _labels(scenes, idx) -> torch.Tensor:
     return torch.tensor([attribute_labels(scenes[i]) for i in idx])
 
@@ -501,8 +522,8 @@ def clip_to_blip2_vision(visual, cfg) -> Blip2VisionModel:
 def _vision_config(cfg) -> Blip2VisionConfig:
     """The reward CLIP's image tower in BLIP-2's terms (clip_to_blip2_vision fills in the weights)."""
     return Blip2VisionConfig(hidden_size=cfg.width, intermediate_size=2 * cfg.width, num_hidden_layers=cfg.layers,
-                             num_attention_heads=max(1, cfg.width // 32), image_size=cfg.image_size, patch_size=8,
-                             layer_norm_eps=1e-5)
+                             num_attention_heads=max(1, cfg.width // 32), image_size=cfg.image_size,
+                             patch_size=cfg.patch_size, layer_norm_eps=1e-5)
 
 
 def _qformer_config(cfg, tok, text_input: bool) -> Blip2QFormerConfig:
@@ -601,18 +622,22 @@ def train_itm(cfg, tok, vision, feats, scenes, bar) -> Blip2ForImageTextRetrieva
 def clip_config(cfg, width: int) -> dict:
     return dict(embed_dim=width,
                 vision_cfg=dict(image_size=cfg.image_size, layers=cfg.layers, width=width, head_width=32,
-                                patch_size=8, mlp_ratio=2.0, no_ln_pre=True),  # no_ln_pre: as BLIP-2's ViT
-                text_cfg=dict(context_length=48, vocab_size=49408, width=width, heads=max(1, width // 32),
+                                patch_size=cfg.patch_size, mlp_ratio=2.0, no_ln_pre=True),  # as BLIP-2's ViT
+                text_cfg=dict(context_length=32, vocab_size=49408, width=width, heads=max(1, width // 32),
                               layers=cfg.layers, mlp_ratio=2.0))
 
 
 def train_clip(cfg, width, seed, images, scenes, bar, stage) -> tuple[open_clip.CLIP, dict]:
-    """Contrastive CLIP on rich (75%) and partial (25%) captions, with attribute losses on both towers."""
+    """Contrastive CLIP on rich (75%) and partial (25%) captions, with attribute losses on both towers
+    and the dense cell loss on the image tower's patch tokens (design choice 1)."""
+    assert cfg.image_size == 3 * cfg.patch_size, "the dense loss needs one patch per grid cell"
     torch.manual_seed(seed)
     model_cfg = clip_config(cfg, width)
     model = open_clip.CLIP(**model_cfg)
+    model.visual.output_tokens = True  # during training only: visual() -> (pooled, patch tokens)
     tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])  # bundled BPE
-    heads = nn.ModuleList([AttributeHead(width), AttributeHead(width)])
+    heads = nn.ModuleList([AttributeHead(width), AttributeHead(width),
+                           nn.Sequential(nn.LayerNorm(width), nn.Linear(width, sum(CELL_CLASSES)))])
     params = list(model.parameters()) + list(heads.parameters())
     opt, sched = _optimizer(params, 1e-3, cfg.clip_steps)
     rng = random.Random(seed)
@@ -620,15 +645,19 @@ def train_clip(cfg, width, seed, images, scenes, bar, stage) -> tuple[open_clip.
         batch = [scenes[i] for i in idx]
         is_rich = torch.tensor([rng.random() < 0.75 for _ in batch])
         texts = [rich_caption(s) if r else partial_caption(s, rng) for s, r in zip(batch, is_rich)]
-        img = F.normalize(model.encode_image(pixel_values(images[idx.numpy()])), dim=-1)
+        pooled, tokens = model.visual(pixel_values(images[idx.numpy()]))  # (B, D), (B, 9, D)
+        img = F.normalize(pooled, dim=-1)
         txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
         target = torch.arange(len(batch))
         labels = _labels(scenes, idx)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         loss = loss + attribute_loss(heads[0](img), labels) + attribute_loss(heads[1](txt[is_rich]), labels[is_rich])
+        # x4: at x1 the contrastive gradients dominate the clipped norm and a probe reads shapes at 0.58
+        loss = loss + 4 * cell_loss(heads[2], tokens, labels)
         _step(loss, opt, sched, params, bar, stage=stage)
         bar.update()
+    model.visual.output_tokens = False
     return model.eval(), model_cfg
 
 
@@ -721,9 +750,9 @@ def quality_report(world: World) -> dict:
 
     captioner = Blip2ForConditionalGeneration.from_pretrained(world.path("captioner")).eval()
     processor = Blip2Processor.from_pretrained(world.path("captioner"))
-    out = torch.cat([captioner.generate(pixel_values=px[i:i + 250], do_sample=False, max_new_tokens=40)
-                     for i in range(0, len(test), 250)])
-    captions = [c.strip() for c in processor.batch_decode(out, skip_special_tokens=True)]
+    captions = [c.strip() for i in range(0, len(test), 250)  # decoded per chunk: lengths differ
+                for c in processor.batch_decode(captioner.generate(pixel_values=px[i:i + 250], do_sample=False,
+                                                                   max_new_tokens=40), skip_special_tokens=True)]
     report["base_r1_judge"] = clip_r1("judge_clip", captions)
     report["base_main_shape_accuracy"] = float(np.mean([s.objects[0].shape in c.split() for s, c in zip(test, captions)]))
     report["base_mean_words"] = float(np.mean([len(c.split()) for c in captions]))
