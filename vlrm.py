@@ -31,6 +31,10 @@ Design choices (what the paper leaves open, and what we chose):
     logits are never materialised (50,272 x 3,840 x 4 B = 0.8 GB per step for OPT-2.7B at batch 64).
  6. Advantages are divided by their batch standard deviation, so one learning rate serves rewards of any
     scale; the value head (its own optimiser) is warmed up before the first actor update.
+ 7. The paper's loss has no entropy term, and the paper preset keeps it so. On the miniature world the
+    tiny policy's entropy halved within 60 updates and it settled on repeated shapes ("a square, a
+    square and a cross"); an entropy bonus of 0.05 kept it exploring until it found colours and
+    positions (validation R@1 at step 1,000: 0.03 without, 0.105 with).
 """
 from __future__ import annotations
 
@@ -103,7 +107,7 @@ class Config:
     lr: float = arg(3e-4, "actor learning rate (Q-Former, query tokens, projection); 1e-3 collapsed the policy")
     value_lr: float = arg(1e-3, "value-head learning rate")
     value_warmup: int = arg(50, "iterations that train only the value head before the first actor update")
-    ent_coef: float = arg(0.0, "entropy bonus (0: pure A2C; the rewards already punish degenerate text)")
+    ent_coef: float = arg(None, "entropy bonus (paper preset: 0, the paper's pure A2C; shapes: 0.05)")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     # machinery
     kernels: str = arg("auto", "log-prob/similarity kernels: auto (Triton on CUDA), torch or triton")
@@ -120,10 +124,10 @@ class Config:
 
 
 PRESETS = {
-    "shapes": dict(batch_size=32, max_new_tokens=40, itm_max_length=64, bf16=False, num_workers=0),
+    "shapes": dict(batch_size=32, max_new_tokens=40, itm_max_length=64, bf16=False, num_workers=0, ent_coef=0.05),
     "paper": dict(policy="Salesforce/blip2-opt-2.7b", itm="Salesforce/blip2-itm-vit-g", ref_lm="facebook/opt-2.7b",
                   clip="ViT-L-14/openai", batch_size=16, max_new_tokens=60, itm_max_length=32, bf16=True,
-                  num_workers=8),
+                  num_workers=8, ent_coef=0.0),
 }
 # Reward variants. vlrm-rs leans on CLIP (the retrieval-specialised model of the paper); vlrm on ITM.
 # Cosine similarities move by ~0.1 between a poor and a good caption, ITM logits by ~5: hence the scales.
