@@ -9,7 +9,7 @@ same code, the same model classes and the same file formats reproduce the paper'
 * a captioner (`Blip2ForConditionalGeneration`) trained on *shallow* captions ("a circle"), like BLIP-2
   trained on COCO/LAION captions that name only the main object;
 * reward models that know better: an open_clip CLIP and a `Blip2ForImageTextRetrieval` ITM model,
-  trained on rich captions ("a small red circle at the top left and a blue square in the middle
+  trained on rich captions ("a large blue square in the middle and a small red circle at top left
   on a grey background"), plus the captioner's own OPT as the reference language model;
 * a *judge* CLIP trained independently, that the policy never sees, to score the result honestly.
 
