@@ -3,7 +3,7 @@
 #   bash results/gpu_check.sh kernels OUTDIR   # kernel tests on CUDA (compiled Triton) + kernels.py --bench
 #   bash results/gpu_check.sh paper OUTDIR     # the paper preset at real size, random weights, batch 16 and 32
 # Figures and logs land in OUTDIR; results/<card>/ keeps them. Needs torch, triton, transformers and
-# open_clip_torch (the device image lacks open_clip: carry its wheel, see README "GPU figures").
+# open_clip_torch (README, "Kernels", says how to add open_clip where it is missing).
 set -u
 part=${1:?usage: gpu_check.sh kernels|paper OUTDIR}
 out=${2:?usage: gpu_check.sh kernels|paper OUTDIR}
