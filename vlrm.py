@@ -222,10 +222,8 @@ def load_policy(spec: str, trainable_state: str | None = None, dtype=torch.float
         unexpected = policy.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
             raise UsageError(f"{trainable_state!r} has keys that are not in the policy, e.g. {unexpected[:3]}")
-    # the trained parts keep fp32 master weights whatever the frozen parts' dtype
-    policy.qformer.float()
-    policy.language_projection.float()
-    policy.query_tokens.data = policy.query_tokens.data.float()
+    for p in trainable_parameters(policy).values():  # fp32 master weights, whatever the frozen parts' dtype
+        p.data = p.data.float()
     return policy.to(device).eval(), processor
 
 
