@@ -324,25 +324,15 @@ def _dz_chunk(N, V):
     return min(V, triton.cdiv(triton.cdiv(V, steps), 256) * 256)
 
 
-_ADDMM_FP32 = True  # does torch.addmm(..., out_dtype=fp32) add into an fp32 tensor here? (CUDA only;
-                    # the overload's first versions want it in the inputs' dtype: then False)
-
-
 def _addmm_fp32_(acc, a, b):
-    """acc += a @ b, with acc fp32 and a, b maybe half: cuBLAS adds into acc in its epilogue.
-    Else (CPU, or a torch whose out_dtype overload wants `acc` in the inputs' dtype) a half product
-    is upcast and added: two (N, H) temporaries and three more passes over them."""
-    global _ADDMM_FP32
+    """acc += a @ b, with acc fp32 and a, b maybe half. On a GPU cuBLAS adds into acc in its epilogue
+    (out_dtype); elsewhere (the interpreter's CPU tensors) the product is upcast and added."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-        return
-    if acc.is_cuda and _ADDMM_FP32:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _ADDMM_FP32 = False
-    acc += (a @ b).to(acc.dtype)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += (a @ b).to(acc.dtype)
 
 
 def _triton_logprob_bwd(hidden, weight, targets, lse, ent, g, g_ent, need_grad_w):
@@ -391,7 +381,7 @@ def lm_head_tuning(hidden, weight):
     return dict(fwd="interpreter" if INTERPRET else pick(_logprob_fwd),
                 bwd="interpreter" if INTERPRET else pick(_logprob_bwd),
                 vocab_splits=_vocab_splits(hidden, weight.shape[0]),
-                dz_chunk=_dz_chunk(hidden.shape[0], weight.shape[0]), grad_h_addmm_fp32=_ADDMM_FP32)
+                dz_chunk=_dz_chunk(hidden.shape[0], weight.shape[0]))
 
 
 class _TritonLogProb(torch.autograd.Function):
