@@ -27,9 +27,10 @@ Design choices (the world's models stand in for large pretrained ones, so traini
     shape at 0.37 (chance 0.20); with one token per object and the dense loss, at 0.97. Each patch
     token must also say which cell it is: a head shared by all cells otherwise rewards tokens that
     know *what* but not *where*, and then no model here saw position. A caption with the main object
-    moved scored as high as the right one (right wins 0.50 of pairs), and a probe read the main
-    object's cell from the pooled embedding at 0.19. With the position target: 0.95 and 0.93, and
-    the reward CLIP's R@1 on rich captions rose from 0.73 to 0.99 (both trained 600 steps).
+    moved scored as high as the right one (right wins 0.50 of pairs, even with NegCLIP hard negatives),
+    and a probe read the main object's cell from the pooled embedding at 0.19. With the position
+    target: 0.95 and 0.93, and the reward CLIP's R@1 on rich captions rose from 0.73 to 0.99 (both
+    trained 600 steps).
  2. The OPT language model is pretrained with a soft prefix it must read (the embeddings of the
     caption's content words), half the time, and as a plain text LM the other half. A tiny LM
     pretrained on text alone learns to ignore any prefix, and BLIP-2 built on it writes one caption
