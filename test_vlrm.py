@@ -93,7 +93,7 @@ def test_negatives_are_false_and_as_long_as_positives():
     for scene in scenes[:100]:
         assert shapes.rich_caption(shapes.corrupt(scene, rng)) != shapes.rich_caption(scene)
         assert shapes.false_caption(scene, scenes, rng, rich=1.0) != shapes.rich_caption(scene)
-    positives = [shapes.rich_caption(s) if rng.random() < 0.7 else shapes.partial_caption(s, rng) for s in scenes]
+    positives = [shapes.true_caption(s, rng) for s in scenes]
     negatives = [shapes.false_caption(s, scenes, rng) for s in scenes]
     words = [np.mean([len(c.split()) for c in texts]) for texts in (positives, negatives)]
     assert abs(words[0] - words[1]) < 0.15 * words[0], words  # length alone cannot tell them apart
