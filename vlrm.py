@@ -388,10 +388,12 @@ def penalties(tokens, mask, tokenizer, bad_regex: re.Pattern, ngram: int) -> tup
     repeat[b, s] = 1 where token s completes a word n-gram that already occurred in the caption."""
     B, T = tokens.shape
     bad, repeat = torch.zeros(B, T), torch.zeros(B, T)
-    pieces = tokenizer.batch_decode(tokens.reshape(-1, 1).cpu())  # one token's text each
+    ids = [row[:int(n)] for row, n in zip(tokens.cpu().tolist(), mask.sum(1).tolist())]  # valid tokens only
+    vocab = sorted({i for row in ids for i in row})  # each distinct token is decoded once
+    piece = dict(zip(vocab, tokenizer.batch_decode([[i] for i in vocab])))
+    piece[tokenizer.eos_token_id] = ""
     for b in range(B):
-        n = int(mask[b].sum())
-        texts = [p if tokens[b, s] != tokenizer.eos_token_id else "" for s, p in enumerate(pieces[b * T: b * T + n])]
+        texts = [piece[i] for i in ids[b]]
         ends = np.cumsum([len(t) for t in texts])  # char offset just after token s
         text = "".join(texts)
         for m in bad_regex.finditer(text):
