@@ -1,0 +1,53 @@
+"""How much detail must a caption carry? True captions of the 1,000 test scenes at fixed levels of detail:
+the judge CLIP's and the reward CLIP's R@1, and the mean vlrm-rs reward (20 x CLIP + 0.3 x ITM + 0.3 x
+reference LM) on the first 300 of them. "repeated shape" is the tuned policy's hack: the main shape once
+per object ("a square, a square and a square").
+
+    python results/shapes-default/diagnostics/detail_levels.py
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+import eval as ev  # noqa: E402
+import shapes  # noqa: E402
+import vlrm  # noqa: E402
+
+
+def repeated_shape(scene):
+    phrases = [f"a {scene.objects[0].shape}"] * len(scene.objects)
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+LEVELS = {  # name: caption of a scene
+    "main: shape": lambda s: shapes.describe(s, 1, size=False, colour=False, position=False, background=False),
+    "main: colour shape": lambda s: shapes.describe(s, 1, size=False, position=False, background=False),
+    "main: colour shape position": lambda s: shapes.describe(s, 1, size=False, background=False),
+    "main: colour shape + background": lambda s: shapes.describe(s, 1, size=False, position=False),
+    "main: all but size + background": lambda s: shapes.describe(s, 1, size=False),
+    "all: shape": lambda s: shapes.describe(s, size=False, colour=False, position=False, background=False),
+    "repeated shape": repeated_shape,
+    "all: colour shape": lambda s: shapes.describe(s, size=False, position=False, background=False),
+    "all: colour shape + background": lambda s: shapes.describe(s, size=False, position=False),
+    "all: colour shape position": lambda s: shapes.describe(s, size=False, background=False),
+    "all: all but size + background": lambda s: shapes.describe(s, size=False),
+    "rich (the ceiling)": shapes.rich_caption,
+}
+world = shapes.load_world("default")
+scenes, images = world.scenes["test"], np.array(world.images("test"))
+judge = ev.ClipJudge(str(world.path("judge_clip")), images, "cpu")
+reward_clip = ev.ClipJudge(str(world.path("clip")), images, "cpu")
+policy, processor = vlrm.load_policy(str(world.path("captioner")))
+clip = vlrm.clip_reward(str(world.path("clip")), "cpu")
+itm = vlrm.itm_reward(str(world.path("itm")), 64, "cpu", torch.float32)
+ref = vlrm.ref_lm_reward("policy", policy, processor.tokenizer, "cpu", torch.float32)
+print(f"{'caption':34s} {'judge R@1':>9s} {'reward-CLIP R@1':>15s} {'vlrm-rs reward':>14s}")
+for name, caption in LEVELS.items():
+    captions = [caption(s) for s in scenes]
+    r1 = [ev.retrieval(m.encode_text(captions), m.image_emb, captions)["t2i/R@1"] for m in (judge, reward_clip)]
+    few, pixels = captions[:300], torch.from_numpy(images[:300])
+    reward = (20 * clip(pixels, few) + 0.3 * itm(pixels, few) + 0.3 * ref(pixels, few)).mean()
+    print(f"{name:34s} {r1[0]:9.3f} {r1[1]:15.3f} {reward:14.2f}")

@@ -1,0 +1,48 @@
+"""Can the trainable set (Q-Former, query tokens, projection; ViT and OPT frozen) write captions the judge
+retrieves? Teacher-force it on true captions that name every object's colour and shape and the
+background, then caption the test scenes greedily. An upper bound for what RL could reach, not RL.
+
+    python results/shapes-default/diagnostics/sft_upper_bound.py [STEPS] [LR]     # defaults 300, 1e-3
+"""
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+import eval as ev  # noqa: E402
+import shapes  # noqa: E402
+import vlrm  # noqa: E402
+
+steps, lr = int(sys.argv[1]) if len(sys.argv) > 1 else 300, float(sys.argv[2]) if len(sys.argv) > 2 else 1e-3
+torch.manual_seed(0)
+world = shapes.load_world("default")
+policy, processor = vlrm.load_policy(str(world.path("captioner")))
+tokenizer, to_pixels = processor.tokenizer, vlrm.processor_normalizer(processor, "cpu")
+train, train_images = world.scenes["train"], np.array(world.images("train"))
+params = list(vlrm.trainable_parameters(policy).values())
+opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+rng = random.Random(0)
+for step in range(steps):
+    idx = rng.sample(range(len(train)), 64)
+    with torch.no_grad():
+        feats = policy.vision_model(to_pixels(torch.from_numpy(train_images[idx]))).last_hidden_state
+    captions = [shapes.describe(train[i], size=False, position=False) + tokenizer.eos_token for i in idx]
+    enc = tokenizer(captions, padding=True, return_tensors="pt", add_special_tokens=False)
+    logits = policy.language_model.lm_head(vlrm.caption_states(policy, feats, enc["input_ids"]))  # (B, T, V)
+    mask = enc["attention_mask"].float()
+    loss = (F.cross_entropy(logits.transpose(1, 2), enc["input_ids"], reduction="none") * mask).sum() / mask.sum()
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+test, test_images = world.scenes["test"], np.array(world.images("test"))
+captions = vlrm.greedy_captions(policy.eval(), tokenizer, to_pixels(torch.from_numpy(test_images)), 60)
+judge = ev.ClipJudge(str(world.path("judge_clip")), test_images, "cpu")
+r = ev.retrieval(judge.encode_text(captions), judge.image_emb, captions)
+print(f"{steps} steps at lr {lr}: judge R@1 {r['t2i/R@1']:.3f}, words {np.mean([len(c.split()) for c in captions]):.1f}, "
+      f"hallucination {ev.attribute_metrics(captions, test)['attr/all/hallucination']:.3f}")
+print("e.g.", " | ".join(captions[:3]))
