@@ -139,8 +139,9 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230), 
            "purple": (150, 60, 200), "orange": (245, 140, 30), "pink": (250, 140, 200)}
 SIZES = {"small": 0.11, "large": 0.19}  # radius as a fraction of the image side
 BACKGROUNDS = {"black": (20, 20, 20), "grey": (120, 120, 120), "white": (235, 235, 235)}
-# cell = 3*row + col. Worded so that no two positions share a word 3-gram: a rich caption then repeats
-# a 3-gram only when it names two identical objects, and vlrm's repetition penalty stays fair.
+# cell = 3*row + col. No two positions share a word 3-gram, but a 3-gram can run from a shape into its
+# position: "a green cross at top and a blue cross at top right" repeats "cross at top". 11% of rich test
+# captions repeat a 3-gram that way, so vlrm's default repetition penalty also fires on some true ones.
 POSITIONS = ("at top left", "at top", "at top right", "on the left", "in the middle",
              "on the right", "at bottom left", "at bottom", "at bottom right")
 FILLERS = ("an image of", "a picture of", "a photo of", "a video of")  # known to the LM, penalised by vlrm
