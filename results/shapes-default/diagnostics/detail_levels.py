@@ -5,16 +5,14 @@ per object ("a square, a square and a square").
 
     python results/shapes-default/diagnostics/detail_levels.py
 """
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-import eval as ev  # noqa: E402
-import shapes  # noqa: E402
-import vlrm  # noqa: E402
+from common import vlrm_rs_reward  # first: it puts the repository root on sys.path
+import eval as ev
+import shapes
+import vlrm
 
 
 def repeated_shape(scene):
@@ -41,13 +39,11 @@ scenes, images = world.scenes["test"], np.array(world.images("test"))
 judge = ev.ClipJudge(str(world.path("judge_clip")), images, "cpu")
 reward_clip = ev.ClipJudge(str(world.path("clip")), images, "cpu")
 policy, processor = vlrm.load_policy(str(world.path("captioner")))
-clip = vlrm.clip_reward(str(world.path("clip")), "cpu")
-itm = vlrm.itm_reward(str(world.path("itm")), 64, "cpu", torch.float32)
-ref = vlrm.ref_lm_reward("policy", policy, processor.tokenizer, "cpu", torch.float32)
+reward_fn = vlrm_rs_reward(world, policy, processor.tokenizer)
 print(f"{'caption':34s} {'judge R@1':>9s} {'reward-CLIP R@1':>15s} {'vlrm-rs reward':>14s}")
 for name, caption in LEVELS.items():
     captions = [caption(s) for s in scenes]
     r1 = [ev.retrieval(m.encode_text(captions), m.image_emb, captions)["t2i/R@1"] for m in (judge, reward_clip)]
     few, pixels = captions[:300], torch.from_numpy(images[:300])
-    reward = (20 * clip(pixels, few) + 0.3 * itm(pixels, few) + 0.3 * ref(pixels, few)).mean()
+    reward = reward_fn(pixels, few).mean()
     print(f"{name:34s} {r1[0]:9.3f} {r1[1]:15.3f} {reward:14.2f}")

@@ -7,23 +7,20 @@ often a colour is named first and how often that colour is right.
 """
 import collections
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-import eval as ev  # noqa: E402
-import shapes  # noqa: E402
-import vlrm  # noqa: E402
+from common import vlrm_rs_reward  # first: it puts the repository root on sys.path
+import eval as ev
+import shapes
+import vlrm
 
 torch.manual_seed(0)
 world = shapes.load_world("default")
 policy, processor = vlrm.load_policy(sys.argv[1] if len(sys.argv) > 1 else str(world.path("captioner")))
 tokenizer, to_pixels = processor.tokenizer, vlrm.processor_normalizer(processor, "cpu")
-clip = vlrm.clip_reward(str(world.path("clip")), "cpu")
-itm = vlrm.itm_reward(str(world.path("itm")), 64, "cpu", torch.float32)
-ref = vlrm.ref_lm_reward("policy", policy, tokenizer, "cpu", torch.float32)
+reward_fn = vlrm_rs_reward(world, policy, tokenizer)
 scenes, images = world.scenes["train"][:1024], torch.from_numpy(np.array(world.images("train")[:1024]))
 groups, by_colour = collections.defaultdict(list), collections.defaultdict(list)
 for i in range(0, len(scenes), 64):
@@ -31,7 +28,7 @@ for i in range(0, len(scenes), 64):
     with torch.no_grad():
         tokens, _ = vlrm.rollout(policy, policy.vision_model(to_pixels(batch)).last_hidden_state, 40)
     captions = [c.strip() for c in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
-    reward = 20 * clip(batch, captions) + 0.3 * itm(batch, captions) + 0.3 * ref(batch, captions)
+    reward = reward_fn(batch, captions)
     for scene, caption, r in zip(scenes[i:i + 64], captions, reward.tolist()):
         colours = [o["colour"] for o in ev.parse_caption(caption)[0] if "colour" in o]
         group = ("no colour" if not colours else "main object's colour" if colours[0] == scene.objects[0].colour

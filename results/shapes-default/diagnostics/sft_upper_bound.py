@@ -6,16 +6,14 @@ background, then caption the test scenes greedily. An upper bound for what RL co
 """
 import random
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-import eval as ev  # noqa: E402
-import shapes  # noqa: E402
-import vlrm  # noqa: E402
+from common import caption_loss  # first: it puts the repository root on sys.path
+import eval as ev
+import shapes
+import vlrm
 
 steps, lr = int(sys.argv[1]) if len(sys.argv) > 1 else 300, float(sys.argv[2]) if len(sys.argv) > 2 else 1e-3
 torch.manual_seed(0)
@@ -30,11 +28,7 @@ for step in range(steps):
     idx = rng.sample(range(len(train)), 64)
     with torch.no_grad():
         feats = policy.vision_model(to_pixels(torch.from_numpy(train_images[idx]))).last_hidden_state
-    captions = [shapes.describe(train[i], size=False, position=False) + tokenizer.eos_token for i in idx]
-    enc = tokenizer(captions, padding=True, return_tensors="pt", add_special_tokens=False)
-    logits = policy.language_model.lm_head(vlrm.caption_states(policy, feats, enc["input_ids"]))  # (B, T, V)
-    mask = enc["attention_mask"].float()
-    loss = (F.cross_entropy(logits.transpose(1, 2), enc["input_ids"], reduction="none") * mask).sum() / mask.sum()
+    loss = caption_loss(policy, tokenizer, feats, [shapes.describe(train[i], size=False, position=False) for i in idx])
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,0 +1,31 @@
+"""What the diagnostics scripts share: the vlrm-rs reward as vlrm.py computes it, and the teacher-forced
+caption loss. Not a script; the scripts beside it import it."""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+import vlrm  # noqa: E402
+
+
+def vlrm_rs_reward(world, policy, tokenizer):
+    """(images uint8 (B, H, W, 3), captions) -> (B,) sequence reward with the vlrm-rs weights and the
+    shapes preset's ITM text limit, the policy's own OPT as the reference LM (as in vlrm.train)."""
+    weights = vlrm.REWARDS["vlrm-rs"]
+    clip = vlrm.clip_reward(str(world.path("clip")), "cpu")
+    itm = vlrm.itm_reward(str(world.path("itm")), vlrm.PRESETS["shapes"]["itm_max_length"], "cpu", torch.float32)
+    ref = vlrm.ref_lm_reward("policy", policy, tokenizer, "cpu", torch.float32)
+    return lambda images, captions: (weights["w_clip"] * clip(images, captions) + weights["w_itm"] * itm(images, captions)
+                                     + weights["w_ref"] * ref(images, captions))
+
+
+def caption_loss(policy, tokenizer, feats, captions) -> torch.Tensor:
+    """Mean cross-entropy of `captions` (each ending in EOS) given ViT features (B, 1 + P, W), through the
+    same teacher-forced forward as vlrm's actor update (caption_states)."""
+    enc = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, return_tensors="pt",
+                    add_special_tokens=False)
+    logits = policy.language_model.lm_head(vlrm.caption_states(policy, feats, enc["input_ids"]))  # (B, T, V)
+    mask = enc["attention_mask"].float()
+    return (F.cross_entropy(logits.transpose(1, 2), enc["input_ids"], reduction="none") * mask).sum() / mask.sum()
