@@ -12,11 +12,11 @@ import vlrm  # noqa: E402
 
 def vlrm_rs_reward(world, policy, tokenizer):
     """(images uint8 (B, H, W, 3), captions) -> (B,) sequence reward with the vlrm-rs weights and the
-    shapes preset's ITM text limit, the policy's own OPT as the reference LM (as in vlrm.train)."""
+    shapes preset's ITM text limit and the world's reference OPT, as vlrm.train has them."""
     weights = vlrm.REWARDS["vlrm-rs"]
     clip = vlrm.clip_reward(str(world.path("clip")), "cpu")
     itm = vlrm.itm_reward(str(world.path("itm")), vlrm.PRESETS["shapes"]["itm_max_length"], "cpu", torch.float32)
-    ref = vlrm.ref_lm_reward("policy", policy, tokenizer, "cpu", torch.float32)
+    ref = vlrm.ref_lm_reward(world.path("ref_lm"), policy, tokenizer, "cpu", torch.float32)
     return lambda images, captions: (weights["w_clip"] * clip(images, captions) + weights["w_itm"] * itm(images, captions)
                                      + weights["w_ref"] * ref(images, captions))
 
