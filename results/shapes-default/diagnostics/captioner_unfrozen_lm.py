@@ -1,7 +1,8 @@
-"""A lead for the next world version: the frozen tiny OPT couples *how often* the captioner names a
-colour with *how precisely*. Continue training the world's captioner for 300 steps on its own shallow
-captions, once with the OPT trainable and once frozen (the control), and save each. Then sample them
-with sampled_rewards.py, or fine-tune one with vlrm.py (the recorded figures used one thread here):
+"""The experiment behind world v7 (run on world v6, commit dcb3ffd; v7 builds the OPT's fine-tuning into
+the captioner stage): the frozen tiny OPT couples *how often* the captioner names a colour with *how
+precisely*. Continue training the world's captioner for 300 steps on its own shallow captions, once
+with the OPT trainable and once frozen (the control), and save each. Then sample them with
+sampled_rewards.py, or fine-tune one with vlrm.py (the recorded figures used one thread here):
 
     OMP_NUM_THREADS=1 python results/shapes-default/diagnostics/captioner_unfrozen_lm.py OUT_DIR [--frozen]
     python results/shapes-default/diagnostics/sampled_rewards.py OUT_DIR
