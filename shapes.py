@@ -6,8 +6,8 @@ same code, the same model classes and the same file formats reproduce the paper'
 
 * scenes: 48x48 pictures of a large coloured shape and up to two small ones on a background, each
   with known attributes;
-* a captioner (`Blip2ForConditionalGeneration`) trained on *shallow* captions ("a circle"), like BLIP-2
-  trained on COCO/LAION captions that name only the main object;
+* a captioner (`Blip2ForConditionalGeneration`) that saw detailed captions first and then *shallow*
+  ones ("a circle"), like BLIP-2 fine-tuned on COCO/LAION captions that name only the main object;
 * reward models that know better: an open_clip CLIP and a `Blip2ForImageTextRetrieval` ITM model,
   trained on rich captions ("a large blue square in the middle and a small red circle at top left
   on a grey background"), plus the OPT the captioner starts from as the reference language model;
@@ -37,7 +37,7 @@ Design choices (the world's models stand in for large pretrained ones, so traini
     for every image.
  3. BLIP-2's ViT is a CLIP image tower (EVA-CLIP ViT-g), so ours is the reward CLIP's, converted weight for
     weight to `Blip2VisionModel` and frozen; BLIP2-ITM shares it, as in BLIP-2. The Q-Former and
-    projection are trained on the shallow captions only. (A ViT trained on the attribute loss alone
+    projection learn from the captioner's captions (design choice 5). (A ViT trained on the attribute loss alone
     stayed at chance within the budget; CLIP's contrastive task gives it the curriculum it needs.)
     Unlike BLIP-2, the captioner's OPT is fine-tuned with them, at a quarter of the Q-Former's rate
     (v7). A frozen tiny OPT reads the soft prefix as content words, so the only way the Q-Former can

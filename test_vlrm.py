@@ -155,6 +155,16 @@ def test_blip2_vision_is_the_reward_clips_image_tower(world):
         assert torch.allclose(ours, clip.encode_image(px), atol=1e-5)
 
 
+def test_captioner_fine_tunes_its_opt_and_the_reference_lm_stays(world):
+    """shapes.py design choice 3: the captioner's OPT starts as the reference LM and learns with the
+    Q-Former; the reference LM is saved before that, so it still scores text as a text-only LM."""
+    policy, _ = vlrm.load_policy(world.path("captioner"))
+    ours, ref = policy.language_model.state_dict(), vlrm._load(OPTForCausalLM, world.path("ref_lm")).state_dict()
+    assert ours.keys() == ref.keys()
+    changed = [k for k in ours if not torch.equal(ours[k], ref[k])]
+    assert len(changed) > len(ours) // 2, f"only {len(changed)} of {len(ours)} OPT tensors were fine-tuned"
+
+
 def test_world_manifest_detects_stale_and_corrupt_caches(world, tmp_path):
     assert shapes._manifest_problem(world.root, world.config) is None
     copy = tmp_path / "copy"
