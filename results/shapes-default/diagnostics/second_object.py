@@ -46,6 +46,7 @@ for i in range(0, len(scenes), 64):
         # (2) sample a continuation of "<caption> and a"
         stems = [c + " and a" for c in greedy]
         ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in stems]
+        longer = []
         for j in range(len(stems)):  # one at a time: the stems differ in length, and none is padded
             embeds = vlrm._prompt(policy, vlrm.soft_prefix(policy, feats[j:j + 1]), torch.tensor([ids[j]]))
             out = policy.language_model.generate(inputs_embeds=embeds, do_sample=True, temperature=1.0, top_k=0,
@@ -58,9 +59,8 @@ for i in range(0, len(scenes), 64):
             shape_ok = bool(shape) and any(o.shape == shape[0] for o in small)
             colour_ok = bool(colour) and any(o.colour == colour[0] and (not shape or o.shape == shape[0]) for o in small)
             outcome.append((shape_ok, bool(colour), colour_ok))
-            longer = (stems[j] + rest).strip()
-            r = reward_fn(batch[j:j + 1].repeat(2, 1, 1, 1), [greedy[j], longer])
-            gain.append((r[1] - r[0]).item())
+            longer.append((stems[j] + rest).strip())
+        gain += (reward_fn(batch, longer) - reward_fn(batch, greedy)).tolist()
 outcome, gain = np.array(outcome), np.array(gain)
 print(f"scenes with 2+ objects: {len(scenes)}; greedy caption e.g. '{greedy[0]}'")
 print(f"P(go on after the greedy caption): mean {np.mean(go_on):.4f}, median {np.median(go_on):.4f}")
