@@ -187,7 +187,8 @@ def test_world_report_shows_the_gap(world):
     assert r["lm_logprob_rich"] > r["lm_logprob_salad"]
     assert 0 <= r["base_r1_judge"] <= 1 and 0 <= r["ceiling_r1_judge"] <= 1
     for key in ("itm_roc_auc", "itm_roc_auc_short", "itm_position_pairwise", "position_pairwise_judge",
-                "position_pairwise_reward_clip"):
+                "position_pairwise_reward_clip", "small_shape_pairwise_judge", "small_shape_pairwise_reward_clip",
+                "itm_small_shape_pairwise"):
         assert 0 <= r[key] <= 1, key
     assert r["base_sampled_mean_words"] > 0
 
