@@ -34,7 +34,9 @@ Design choices (the world's models stand in for large pretrained ones, so traini
  2. The OPT language model is pretrained with a soft prefix it must read (the embeddings of the
     caption's content words), half the time, and as a plain text LM the other half. A tiny LM
     pretrained on text alone learns to ignore any prefix, and BLIP-2 built on it writes one caption
-    for every image.
+    for every image. The background goes first in that prefix (v10): at the end, where it moves with the
+    caption's length, the LM never learned to read it, and every captioner built on it named the
+    background at chance, though a linear probe read it from their soft prefix at 1.00.
  3. BLIP-2's ViT is a CLIP image tower (EVA-CLIP ViT-g), so ours is the reward CLIP's, converted weight for
     weight to `Blip2VisionModel` and frozen; BLIP2-ITM shares it, as in BLIP-2. The Q-Former and
     projection learn from the captioner's captions (design choice 5). (A ViT trained on the attribute loss alone
@@ -92,7 +94,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForIm
                           Blip2QFormerConfig, Blip2VisionConfig, Blip2VisionModel, BlipImageProcessor,
                           OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast)
 
-WORLD_VERSION = 8  # bump when scenes, captions or training change, so old caches are rebuilt
+WORLD_VERSION = 10  # bump when scenes, captions or training change, so old caches are rebuilt
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation, shared by every model here
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -515,11 +517,16 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
 
 
 def content_ids(caption: str, tok, n: int) -> list[int]:
-    """A caption's content words (no articles or prepositions) as token ids, in caption order, padded to
-    the prefix length n: what the LM learns to read from a soft prefix. "a circle" -> [circle]."""
+    """A caption's content words (no articles or prepositions) as token ids, padded to the prefix length n:
+    what the LM learns to read from a soft prefix. "a red circle on a grey background" -> [grey, red, circle].
+    The background goes first, at a fixed place: read from the end of a prefix of varying length, the v8
+    LM named the right background in 0.33 of cases (chance), and so did every captioner built on it; from
+    the front, 1.00. Each word keeps its leading space, so that it is the same token as in the caption."""
     stop = {"a", "an", "at", "the", "on", "in", "and", "background"}
     words = [w.strip(",") for w in caption.split() if w.strip(",") not in stop]
-    ids = tok(" ".join(words), add_special_tokens=False)["input_ids"][:n]
+    if caption.endswith(" background"):
+        words = words[-1:] + words[:-1]
+    ids = tok(" " + " ".join(words), add_special_tokens=False)["input_ids"][:n]
     return ids + [tok.pad_token_id] * (n - len(ids))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, OPTForCausalLM
+from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, OPTForCausalLM, PreTrainedTokenizerFast
 
 import shapes
 import vlrm
@@ -163,6 +163,18 @@ def test_captioner_fine_tunes_its_opt_and_the_reference_lm_stays(world):
     assert ours.keys() == ref.keys()
     changed = [k for k in ours if not torch.equal(ours[k], ref[k])]
     assert len(changed) > len(ours) // 2, f"only {len(changed)} of {len(ours)} OPT tensors were fine-tuned"
+
+
+def test_lm_prefix_puts_the_background_first_as_caption_tokens(world):
+    """shapes.py design choice 2: the reference LM's prefix holds the caption's content words, background
+    first, each the very token the caption uses for it."""
+    tok = PreTrainedTokenizerFast.from_pretrained(world.path("ref_lm"))
+    caption = "a red circle at top left and a blue cross on a grey background"
+    ids = shapes.content_ids(caption, tok, world.config.num_query_tokens)
+    words = [tok.decode([i]).strip() for i in ids if i != tok.pad_token_id]
+    assert words == ["grey", "red", "circle", "top", "left", "blue", "cross"]
+    assert set(ids) - {tok.pad_token_id} <= set(tok(caption)["input_ids"])
+    assert len(ids) == world.config.num_query_tokens
 
 
 def test_world_manifest_detects_stale_and_corrupt_caches(world, tmp_path):
