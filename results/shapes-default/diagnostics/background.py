@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import vlrm_rs_reward  # first: it puts the repository root on sys.path
+from common import continue_from, vlrm_rs_reward  # first: it puts the repository root on sys.path
 import shapes
 import vlrm
 
@@ -53,7 +53,6 @@ with torch.no_grad():
 
 # (2) the forced continuation
 reward_fn = vlrm_rs_reward(world, policy, tokenizer)
-eos, pad = policy.config.text_config.eos_token_id, policy.config.text_config.pad_token_id
 scenes, images = world.scenes["train"][:384], torch.from_numpy(np.array(world.images("train")[:384]))
 named, right, gain_sampled, gain_true = [], [], [], []
 for i in range(0, len(scenes), 64):
@@ -62,12 +61,9 @@ for i in range(0, len(scenes), 64):
         feats = policy.vision_model(to_pixels(batch)).last_hidden_state
         greedy = vlrm.greedy_captions(policy, tokenizer, to_pixels(batch), 40)
         sampled = []
-        for j, caption in enumerate(greedy):  # one at a time: the stems differ in length, and none is padded
-            ids = tokenizer(caption + " on a", add_special_tokens=False)["input_ids"]
-            embeds = vlrm._prompt(policy, vlrm.soft_prefix(policy, feats[j:j + 1]), torch.tensor([ids]))
-            out = policy.language_model.generate(inputs_embeds=embeds, do_sample=True, temperature=1.0, top_k=0,
-                                                 top_p=1.0, max_new_tokens=6, eos_token_id=eos, pad_token_id=pad)
-            said = re.findall("|".join(backgrounds), tokenizer.decode(out[0], skip_special_tokens=True))
+        for j, caption in enumerate(greedy):
+            rest = continue_from(policy, tokenizer, feats[j:j + 1], caption + " on a", 6)
+            said = re.findall("|".join(backgrounds), rest)
             named.append(bool(said))
             right.append(bool(said) and said[0] == batch_scenes[j].background)
             sampled.append(f"{caption} on a {said[0]} background" if said else caption)

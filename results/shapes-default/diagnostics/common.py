@@ -1,5 +1,6 @@
-"""What the diagnostics scripts share: the vlrm-rs reward as vlrm.py computes it, and the teacher-forced
-caption loss. Not a script; the scripts beside it import it."""
+"""What the diagnostics scripts share: the vlrm-rs reward as vlrm.py computes it, the teacher-forced
+caption loss, and sampling how a captioner goes on from a given text. Not a script; the scripts beside
+it import it."""
 import sys
 from pathlib import Path
 
@@ -29,3 +30,17 @@ def caption_loss(policy, tokenizer, feats, captions) -> torch.Tensor:
     logits = policy.language_model.lm_head(vlrm.caption_states(policy, feats, enc["input_ids"]))  # (B, T, V)
     mask = enc["attention_mask"].float()
     return (F.cross_entropy(logits.transpose(1, 2), enc["input_ids"], reduction="none") * mask).sum() / mask.sum()
+
+
+@torch.no_grad()
+def continue_from(policy, tokenizer, image_embeds, stem: str, max_new_tokens: int) -> str:
+    """Sample (temperature 1, as in vlrm's rollouts) what the captioner writes after `stem`, given one
+    image's ViT features (1, 1 + P, W); returns the new text only. One image per call: stems differ in
+    length, and none is padded."""
+    ids = torch.tensor([tokenizer(stem, add_special_tokens=False)["input_ids"]])
+    embeds = vlrm._prompt(policy, vlrm.soft_prefix(policy, image_embeds), ids)
+    text_cfg = policy.config.text_config
+    out = policy.language_model.generate(inputs_embeds=embeds, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                         max_new_tokens=max_new_tokens, eos_token_id=text_cfg.eos_token_id,
+                                         pad_token_id=text_cfg.pad_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import torch
 
-from common import vlrm_rs_reward  # first: it puts the repository root on sys.path
+from common import continue_from, vlrm_rs_reward  # first: it puts the repository root on sys.path
 import shapes
 import vlrm
 
@@ -45,14 +45,9 @@ for i in range(0, len(scenes), 64):
         go_on += (1 - p_eos).tolist()
         # (2) sample a continuation of "<caption> and a"
         stems = [c + " and a" for c in greedy]
-        ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in stems]
         longer = []
-        for j in range(len(stems)):  # one at a time: the stems differ in length, and none is padded
-            embeds = vlrm._prompt(policy, vlrm.soft_prefix(policy, feats[j:j + 1]), torch.tensor([ids[j]]))
-            out = policy.language_model.generate(inputs_embeds=embeds, do_sample=True, temperature=1.0, top_k=0,
-                                                 top_p=1.0, max_new_tokens=12, eos_token_id=eos,
-                                                 pad_token_id=policy.config.text_config.pad_token_id)
-            rest = tokenizer.decode(out[0], skip_special_tokens=True)
+        for j in range(len(stems)):
+            rest = continue_from(policy, tokenizer, feats[j:j + 1], stems[j], 12)
             first = re.split(r" and |,", rest)[0]
             shape, colour = re.findall(shape_re, first), re.findall(colour_re, first)
             small = batch_scenes[j].objects[1:]
