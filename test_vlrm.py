@@ -252,8 +252,8 @@ def test_logprobs_match_blip2_logits(world, policy):
     torch.manual_seed(1)
     with torch.no_grad():
         image_embeds = model.vision_model(px).last_hidden_state
-        tokens, mask = vlrm.rollout(model, image_embeds, max_new_tokens=12)
-        hidden = vlrm.caption_states(model, image_embeds, tokens)
+        tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=12)
+        hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
         W = model.language_model.get_output_embeddings().weight
         ours = vlrm.kernels.fused_logprob(hidden.reshape(-1, hidden.shape[-1]), W, tokens.reshape(-1)).view_as(mask)
         # the library's own forward: image placeholder tokens + BOS + caption
@@ -279,10 +279,10 @@ def test_rollout_is_pure_sampling(world, policy):
                                             max_new_tokens=8, output_scores=True, return_dict_in_generate=True,
                                             pad_token_id=0, eos_token_id=1)
         torch.manual_seed(3)
-        tokens, mask = vlrm.rollout(model, image_embeds, max_new_tokens=8)
+        tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=8)
         assert torch.equal(tokens, out.sequences)
         scores = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
-        hidden = vlrm.caption_states(model, image_embeds, tokens)
+        hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
         ours = hidden @ model.language_model.get_output_embeddings().weight.T
         ours = ours.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
     assert torch.allclose(scores * mask, ours * mask, atol=1e-4)
@@ -298,19 +298,20 @@ def test_a2c_step_raises_logprob_of_positive_advantage(world):
     px = shapes.pixel_values(world.images("test")[:8])
     with torch.no_grad():
         image_embeds = model.vision_model(px).last_hidden_state
-        tokens, mask = vlrm.rollout(model, image_embeds, max_new_tokens=10)
+        tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=10)
     W = model.language_model.get_output_embeddings().weight
     advantages = torch.tensor([1.0, 0.0] * 4)[:, None].expand_as(mask) * mask  # even captions good, odd neutral
 
+    def valid_states():  # (N, H) at the valid caption positions, under the current trainable weights
+        return vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)[mask.bool()]
+
     def seq_logp():
-        logp = vlrm.kernels.fused_logprob(vlrm.caption_states(model, image_embeds, tokens)[mask.bool()], W,
-                                          tokens[mask.bool()])
+        logp = vlrm.kernels.fused_logprob(valid_states(), W, tokens[mask.bool()])
         return torch.zeros_like(mask).masked_scatter(mask.bool(), logp).sum(1)
 
     before = seq_logp().detach()
     opt = torch.optim.SGD(params.values(), lr=0.01)  # small: the first-order effect dominates
-    loss = vlrm.kernels.policy_loss(vlrm.caption_states(model, image_embeds, tokens)[mask.bool()], W,
-                                    tokens[mask.bool()], advantages[mask.bool()])[0]
+    loss = vlrm.kernels.policy_loss(valid_states(), W, tokens[mask.bool()], advantages[mask.bool()])[0]
     loss.backward()
     assert all(p.grad is not None for p in params.values()) and W.grad is None
     opt.step()
@@ -467,11 +468,11 @@ def _rank_losses(rank, world_size, port, captioner, out):
     with torch.no_grad():
         embeds = model.vision_model(px).last_hidden_state
         torch.manual_seed(1)
-        tokens, mask = vlrm.rollout(model, embeds, max_new_tokens=8)
+        tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, embeds), max_new_tokens=8)
     returns = torch.linspace(-1, 1, 8)[:, None].expand_as(mask) * mask
     part = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
     W = model.language_model.get_output_embeddings().weight
-    hidden = vlrm.caption_states(model, embeds[part], tokens[part])
+    hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, embeds[part]), tokens[part])
     losses = vlrm.a2c_losses(hidden, value_head, tokens[part], mask[part], returns[part], W, 0.01)
     (losses["actor"] + losses["value"]).backward()
     vlrm.sync_gradients(list(params.values()) + list(value_head.parameters()))

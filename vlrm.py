@@ -62,7 +62,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration,
                           Blip2ForImageTextRetrieval, Blip2Processor, Blip2QFormerConfig, Blip2VisionConfig,
-                          OPTConfig)
+                          DynamicCache, OPTConfig)
 
 import kernels
 import shapes
@@ -288,25 +288,37 @@ def _prompt(policy, prefix: torch.Tensor, tokens: torch.Tensor | None = None) ->
 
 
 @torch.no_grad()
-def rollout(policy, image_embeds, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 1a: pure sampling. -> tokens (B, T) and mask (B, T): 1 up to and including EOS."""
-    embeds = _prompt(policy, soft_prefix(policy, image_embeds))
-    text_cfg = policy.config.text_config
-    tokens = policy.language_model.generate(
-        inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
-        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, no_repeat_ngram_size=0,
-        repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=text_cfg.eos_token_id,
-        pad_token_id=text_cfg.pad_token_id)  # with inputs_embeds only, generate returns the new tokens alone
+def rollout(policy, prefix: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1a: pure sampling after the soft prefix (B, Q, H). -> tokens (B, T) and mask (B, T): 1 up to
+    and including EOS. Written out instead of calling generate(), so that nothing can warp the distribution
+    (no temperature, top-k/p, min length or n-gram blocking: the update's log-probs must be those of the
+    sampler), and because generate's per-token bookkeeping costs more than the miniature world's LM itself.
+    Draws the very tokens of generate(do_sample=True) under the same seed (tested)."""
+    lm, text_cfg = policy.language_model, policy.config.text_config
+    cache = DynamicCache(config=lm.config)  # keys and values of the positions so far: one new token per call
+    # no attention mask: prompts are never padded, so causal attention is all there is
+    logits = lm(inputs_embeds=_prompt(policy, prefix.detach()), past_key_values=cache, logits_to_keep=1).logits
+    finished = torch.zeros(prefix.shape[0], dtype=torch.bool, device=prefix.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        token = torch.multinomial(logits[:, -1].float().softmax(-1), 1)[:, 0]  # (B,) drawn from pi itself
+        token = token.masked_fill(finished, text_cfg.pad_token_id)  # finished captions only pad
+        tokens.append(token)
+        finished |= token == text_cfg.eos_token_id
+        if finished.all():
+            break
+        logits = lm(input_ids=token[:, None], past_key_values=cache).logits  # (B, 1, V)
+    tokens = torch.stack(tokens, 1)
     is_eos = tokens == text_cfg.eos_token_id
     after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     return tokens, (~after_eos).float()
 
 
-def caption_states(policy, image_embeds, tokens) -> torch.Tensor:
-    """Teacher-forced forward: (B, T) sampled tokens -> LM final hidden states (B, T, H) at the positions
-    that *predict* each token (position Q + k holds BOS or token k-1 and predicts token k). Gradients
-    flow into the Q-Former through the frozen LM. Reproduces generate()'s distribution (tested)."""
-    prefix = soft_prefix(policy, image_embeds)
+def caption_states(policy, prefix, tokens) -> torch.Tensor:
+    """Teacher-forced forward: soft prefix (B, Q, H) and (B, T) sampled tokens -> LM final hidden states
+    (B, T, H) at the positions that *predict* each token (position Q + k holds BOS or token k-1 and predicts
+    token k). Gradients flow through the frozen LM into the prefix's Q-Former. Reproduces the sampler's
+    distribution (tested)."""
     embeds = _prompt(policy, prefix, tokens[:, :-1])
     # all-ones mask: tokens after EOS only ever see earlier ones (causal), and are masked in every loss
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -725,7 +737,8 @@ def train(cfg: Config) -> Path:
             image_embeds = policy.vision_model(to_pixels(images).to(dtype)).last_hidden_state  # frozen ViT, once
 
         # step 1: rollout and per-token returns ------------------------------------------------------
-        tokens, mask = rollout(policy, image_embeds, cfg.max_new_tokens)  # (B, T), (B, T)
+        prefix = soft_prefix(policy, image_embeds)  # (B, Q, H), once: sampled after detached, then trained
+        tokens, mask = rollout(policy, prefix, cfg.max_new_tokens)  # (B, T), (B, T)
         captions = [c.strip() for c in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         parts = {name: fn(images, captions).float().cpu() for name, fn in rewards.items()}  # each (B,)
         sequence_reward = sum(weights[name] * r for name, r in parts.items())
@@ -736,7 +749,7 @@ def train(cfg: Config) -> Path:
             step += 1
             continue
 
-        hidden = caption_states(policy, image_embeds, tokens)  # (B, T, H), grad into the Q-Former
+        hidden = caption_states(policy, prefix, tokens)  # (B, T, H), grad into the Q-Former
         losses = a2c_losses(hidden, value_head, tokens, mask, returns, lm_head, cfg.ent_coef)
         if any_rank(not (torch.isfinite(losses["value"]) and torch.isfinite(losses["actor"]))):
             tqdm.write(f"[warn] step {step}: non-finite loss; step skipped")
@@ -823,7 +836,8 @@ def explained_variance(values, returns, mask) -> float:
 @torch.no_grad()
 def approx_kl(policy, image_embeds, tokens, valid, logp_before, lm_head) -> float:
     """How far this update moved the policy on its own samples: E[(r - 1) - log r], r = pi_new / pi_old."""
-    logp_after = kernels.fused_logprob(caption_states(policy, image_embeds, tokens)[valid], lm_head, tokens[valid])
+    hidden = caption_states(policy, soft_prefix(policy, image_embeds), tokens)  # the updated policy's
+    logp_after = kernels.fused_logprob(hidden[valid], lm_head, tokens[valid])
     log_ratio = logp_after - logp_before
     return float((log_ratio.exp() - 1 - log_ratio).mean())
 

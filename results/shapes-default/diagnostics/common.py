@@ -27,7 +27,8 @@ def caption_loss(policy, tokenizer, feats, captions) -> torch.Tensor:
     same teacher-forced forward as vlrm's actor update (caption_states)."""
     enc = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, return_tensors="pt",
                     add_special_tokens=False)
-    logits = policy.language_model.lm_head(vlrm.caption_states(policy, feats, enc["input_ids"]))  # (B, T, V)
+    hidden = vlrm.caption_states(policy, vlrm.soft_prefix(policy, feats), enc["input_ids"])
+    logits = policy.language_model.lm_head(hidden)  # (B, T, V)
     mask = enc["attention_mask"].float()
     return (F.cross_entropy(logits.transpose(1, 2), enc["input_ids"], reduction="none") * mask).sum() / mask.sum()
 

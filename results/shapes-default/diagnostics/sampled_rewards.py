@@ -26,7 +26,8 @@ groups, by_colour = collections.defaultdict(list), collections.defaultdict(list)
 for i in range(0, len(scenes), 64):
     batch = images[i:i + 64]
     with torch.no_grad():
-        tokens, _ = vlrm.rollout(policy, policy.vision_model(to_pixels(batch)).last_hidden_state, 40)
+        feats = policy.vision_model(to_pixels(batch)).last_hidden_state
+        tokens, _ = vlrm.rollout(policy, vlrm.soft_prefix(policy, feats), 40)
     captions = [c.strip() for c in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
     reward = reward_fn(batch, captions)
     for scene, caption, r in zip(scenes[i:i + 64], captions, reward.tolist()):

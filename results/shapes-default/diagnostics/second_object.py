@@ -39,7 +39,8 @@ for i in range(0, len(scenes), 64):
         # (1) P(EOS) right after the greedy caption, by teacher forcing "<caption></s>"
         enc = tokenizer([c + tokenizer.eos_token for c in greedy], padding=True, return_tensors="pt",
                         add_special_tokens=False)
-        logits = policy.language_model.lm_head(vlrm.caption_states(policy, feats, enc["input_ids"]))
+        hidden = vlrm.caption_states(policy, vlrm.soft_prefix(policy, feats), enc["input_ids"])
+        logits = policy.language_model.lm_head(hidden)
         last = enc["attention_mask"].sum(1) - 1  # the EOS position
         p_eos = logits[torch.arange(len(greedy)), last].softmax(-1)[:, eos]
         go_on += (1 - p_eos).tolist()
