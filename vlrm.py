@@ -291,7 +291,7 @@ def _prompt(policy, prefix: torch.Tensor, tokens: torch.Tensor | None = None) ->
 def rollout(policy, prefix: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 1a: pure sampling after the soft prefix (B, Q, H). -> tokens (B, T) and mask (B, T): 1 up to
     and including EOS. Written out instead of calling generate(), so that nothing can warp the distribution
-    (no temperature, top-k/p, min length or n-gram blocking: the update's log-probs must be those of the
+    (temperature 1; no top-k/p, min length or n-gram blocking: the update's log-probs must be those of the
     sampler), and because generate's per-token bookkeeping costs more than the miniature world's LM itself.
     Draws the very tokens of generate(do_sample=True) under the same seed (tested)."""
     lm, text_cfg = policy.language_model, policy.config.text_config
