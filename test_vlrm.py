@@ -251,9 +251,9 @@ def test_logprobs_match_blip2_logits(world, policy):
     px = shapes.pixel_values(world.images("test")[:4])
     torch.manual_seed(1)
     with torch.no_grad():
-        image_embeds = model.vision_model(px).last_hidden_state
-        tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=12)
-        hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
+        prefix = vlrm.soft_prefix(model, model.vision_model(px).last_hidden_state)
+        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=12)
+        hidden = vlrm.caption_states(model, prefix, tokens)
         W = model.language_model.get_output_embeddings().weight
         ours = vlrm.kernels.fused_logprob(hidden.reshape(-1, hidden.shape[-1]), W, tokens.reshape(-1)).view_as(mask)
         # the library's own forward: image placeholder tokens + BOS + caption
@@ -272,17 +272,17 @@ def test_rollout_is_pure_sampling(world, policy):
     model, _ = policy
     px = shapes.pixel_values(world.images("test")[:4])
     with torch.no_grad():
-        image_embeds = model.vision_model(px).last_hidden_state
-        embeds = vlrm._prompt(model, vlrm.soft_prefix(model, image_embeds))
+        prefix = vlrm.soft_prefix(model, model.vision_model(px).last_hidden_state)
+        embeds = vlrm._prompt(model, prefix)
         torch.manual_seed(3)
         out = model.language_model.generate(inputs_embeds=embeds, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                             max_new_tokens=8, output_scores=True, return_dict_in_generate=True,
                                             pad_token_id=0, eos_token_id=1)
         torch.manual_seed(3)
-        tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=8)
+        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=8)
         assert torch.equal(tokens, out.sequences)
         scores = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
-        hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
+        hidden = vlrm.caption_states(model, prefix, tokens)
         ours = hidden @ model.language_model.get_output_embeddings().weight.T
         ours = ours.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
     assert torch.allclose(scores * mask, ours * mask, atol=1e-4)

@@ -19,7 +19,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import vlrm_rs_reward  # first: it puts the repository root on sys.path
 import shapes
@@ -74,19 +73,9 @@ captions = {"two": [shapes.describe(scenes[i], 2, size=False) for i in three],
             "wrong colour": [shapes.describe(third_changed(scenes[i], "colour"), 3, size=False) for i in three]}
 
 
-def cosine(spec):
-    model, clip_tokenizer, _ = vlrm.load_clip(str(spec))
-    clip_pixels = vlrm.clip_normalizer(model, "cpu")
-
-    @torch.no_grad()
-    def score(batch, texts):
-        image = F.normalize(model.encode_image(clip_pixels(batch)).float(), dim=-1)
-        return (image * F.normalize(model.encode_text(clip_tokenizer(texts)).float(), dim=-1)).sum(-1)
-    return score
-
-
-models = {"vlrm-rs reward": vlrm_rs_reward(world, policy, tokenizer), "reward CLIP": cosine(world.path("clip")),
-          "judge CLIP": cosine(world.path("judge_clip"))}
+models = {"vlrm-rs reward": vlrm_rs_reward(world, policy, tokenizer),
+          "reward CLIP": vlrm.clip_reward(str(world.path("clip")), "cpu"),  # vlrm's CLIP reward: the cosine
+          "judge CLIP": vlrm.clip_reward(str(world.path("judge_clip")), "cpu")}
 for name, fn in models.items():
     with torch.no_grad():
         s = {k: torch.cat([fn(pixels[i:i + 64], v[i:i + 64]) for i in range(0, len(three), 64)]) for k, v in captions.items()}
