@@ -260,8 +260,12 @@ def describe(scene: Scene, objects: int | None = None, size=True, colour=True, p
     for o in scene.objects[:objects]:
         words = ([o.size] if size else []) + ([o.colour] if colour else []) + [o.shape]
         phrases.append(" ".join([_article(words[0])] + words + ([POSITIONS[o.cell]] if position else [])))
-    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return text + (f" on a {scene.background} background" if background else "")
+    return join_objects(phrases) + (f" on a {scene.background} background" if background else "")
+
+
+def join_objects(phrases: list[str]) -> str:
+    """The caption grammar: "A", "A and B", "A, B and C"."""
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
 def rich_caption(scene: Scene) -> str:

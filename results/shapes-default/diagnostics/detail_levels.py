@@ -16,8 +16,7 @@ import vlrm
 
 
 def repeated_shape(scene):
-    phrases = [f"a {scene.objects[0].shape}"] * len(scene.objects)
-    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return shapes.join_objects([f"a {scene.objects[0].shape}"] * len(scene.objects))
 
 
 LEVELS = {  # name: caption of a scene

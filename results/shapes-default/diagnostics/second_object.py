@@ -45,7 +45,7 @@ for i in range(0, len(scenes), 64):
         p_eos = logits[torch.arange(len(greedy)), last].softmax(-1)[:, eos]
         go_on += (1 - p_eos).tolist()
         # (2) sample a continuation of "<caption> and a"
-        stems = [c + " and a" for c in greedy]
+        stems = [shapes.join_objects([c, "a"]) for c in greedy]
         longer = []
         for j in range(len(stems)):
             rest = continue_from(policy, tokenizer, feats[j:j + 1], stems[j], 12)

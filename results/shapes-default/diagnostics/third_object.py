@@ -6,7 +6,8 @@ On the test scenes with three objects, taking the main object's true description
 position) as the stem:
 (1) What does the captioner say next: P(",") against P(" and") and P(" on") (the background)? The same
     after the main object of the scenes with exactly two objects, where a comma is wrong. And after the
-    first two objects' true description, P(" and") (a third object off the grammar) against P(" on")?
+    first two objects' true description, P(" and") (a third object off the grammar) against P(" on"),
+    in both kinds of scene? (P(" with") is the road in the v11/v12 drafts' grammar, "A with B and C".)
 (2) What would naming the third object pay? The vlrm-rs reward, the reward CLIP's cosine and the judge's
     cosine of the true three-object caption minus those of the true two-object one (no sizes), and how
     often each model scores the true caption above one with the third object's shape, or colour, changed.
@@ -52,8 +53,8 @@ def next_word_probs(indices, n, words):
 
 
 for label, indices, n in (("three objects, after the main one", three, 1), ("two objects, after the main one", two, 1),
-                          ("three objects, after the first two", three, 2)):
-    probs = next_word_probs(indices, n, (",", " and", " on"))
+                          ("three objects, after the first two", three, 2), ("two objects, after the first two", two, 2)):
+    probs = next_word_probs(indices, n, (",", " with", " and", " on"))
     print(f"(1) {len(indices)} scenes with {label}: " + ", ".join(f"P({w!r}) {p:.3f}" for w, p in probs.items()))
 
 # (2) what the third object is worth to each model
