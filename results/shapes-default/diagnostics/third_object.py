@@ -36,26 +36,29 @@ print(f"{len(three)} test scenes with three objects, e.g. {shapes.describe(scene
 
 
 # (1) the next word after a true stem
+WORDS = (",", " with", " and", " on")
+word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in WORDS]
+with torch.no_grad():  # each image's soft prefix (1, Q, H), computed once for both stems
+    prefixes = {i: vlrm.soft_prefix(policy, policy.vision_model(to_pixels(torch.from_numpy(np.array(images[i]))[None]))
+                                    .last_hidden_state) for i in three + two}
+
+
 @torch.no_grad()
-def next_word_probs(indices, n, words):
+def next_word_probs(indices, n):
     """Mean P(word | image, true description of its first n objects) over the test scenes `indices`."""
-    probs = {w: [] for w in words}
+    probs = []
     for i in indices:
         stem = shapes.describe(scenes[i], n, size=False, background=False)
-        image = torch.from_numpy(np.array(images[i]))[None]
-        prefix = vlrm.soft_prefix(policy, policy.vision_model(to_pixels(image)).last_hidden_state)
         ids = torch.tensor([tokenizer(stem, add_special_tokens=False)["input_ids"]])
-        state = vlrm.caption_states(policy, prefix, torch.cat([ids, ids[:, :1]], 1))[:, -1]  # after the stem
-        p = policy.language_model.lm_head(state).softmax(-1)[0]
-        for w in words:
-            probs[w].append(float(p[tokenizer(w, add_special_tokens=False)["input_ids"][0]]))
-    return {w: np.mean(v) for w, v in probs.items()}
+        state = vlrm.caption_states(policy, prefixes[i], torch.cat([ids, ids[:, :1]], 1))[:, -1]  # after the stem
+        probs.append(policy.language_model.lm_head(state).softmax(-1)[0, word_ids])
+    return torch.stack(probs).mean(0)
 
 
 for label, indices, n in (("three objects, after the main one", three, 1), ("two objects, after the main one", two, 1),
                           ("three objects, after the first two", three, 2), ("two objects, after the first two", two, 2)):
-    probs = next_word_probs(indices, n, (",", " with", " and", " on"))
-    print(f"(1) {len(indices)} scenes with {label}: " + ", ".join(f"P({w!r}) {p:.3f}" for w, p in probs.items()))
+    probs = next_word_probs(indices, n)
+    print(f"(1) {len(indices)} scenes with {label}: " + ", ".join(f"P({w!r}) {float(p):.3f}" for w, p in zip(WORDS, probs)))
 
 # (2) what the third object is worth to each model
 rng = random.Random(0)
