@@ -1,10 +1,13 @@
 """How much detail must a caption carry? True captions of the 1,000 test scenes at fixed levels of detail:
 the judge CLIP's and the reward CLIP's R@1, and the mean vlrm-rs reward (20 x CLIP + 0.3 x ITM + 0.3 x
-reference LM) on the first 300 of them. "repeated shape" is the tuned policy's hack: the main shape once
-per object ("a square, a square and a square").
+reference LM) on the first 300 of them. "repeated shape" is the v6 policy's hack: the main shape once
+per object ("a square, a square and a square"). "run form" is how the v10 run writes: "a purple circle
+at top right and a red triangle on a white background", with two objects, or three.
 
     python results/shapes-default/diagnostics/detail_levels.py
 """
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -19,6 +22,19 @@ def repeated_shape(scene):
     return shapes.join_objects([f"a {scene.objects[0].shape}"] * len(scene.objects))
 
 
+def run_form(scene, objects, guessed_shapes=False):
+    """The tuned run's form: the main object's colour, shape and position, the small ones' colour and
+    shape, the background. With guessed_shapes, each small object gets the main one's shape (no model
+    here reads a small shape)."""
+    main, small = scene.objects[0], scene.objects[1:objects]
+    if guessed_shapes:
+        small = [dataclasses.replace(o, shape=main.shape) for o in small]
+    phrases = [shapes.describe(shapes.Scene((main,), scene.background), size=False, background=False)]
+    phrases += [shapes.describe(shapes.Scene((o,), scene.background), size=False, position=False, background=False)
+                for o in small]
+    return shapes.join_objects(phrases) + f" on a {scene.background} background"
+
+
 LEVELS = {  # name: caption of a scene
     "main: shape": lambda s: shapes.describe(s, 1, size=False, colour=False, position=False, background=False),
     "main: colour shape": lambda s: shapes.describe(s, 1, size=False, position=False, background=False),
@@ -31,6 +47,10 @@ LEVELS = {  # name: caption of a scene
     "all: colour shape + background": lambda s: shapes.describe(s, size=False, position=False),
     "all: colour shape position": lambda s: shapes.describe(s, size=False, background=False),
     "all: all but size + background": lambda s: shapes.describe(s, size=False),
+    "run form: two objects": lambda s: run_form(s, 2),
+    "run form: two, small shape guessed": lambda s: run_form(s, 2, guessed_shapes=True),
+    "run form: three objects": lambda s: run_form(s, 3),
+    "run form: three, small shapes guessed": lambda s: run_form(s, 3, guessed_shapes=True),
     "rich (the ceiling)": shapes.rich_caption,
 }
 world = shapes.load_world("default")
