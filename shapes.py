@@ -256,16 +256,20 @@ def _article(word: str) -> str:
 def describe(scene: Scene, objects: int | None = None, size=True, colour=True, position=True,
              background=True) -> str:
     """A caption naming the first `objects` objects with the chosen attributes. All defaults = rich."""
-    phrases = []
-    for o in scene.objects[:objects]:
-        words = ([o.size] if size else []) + ([o.colour] if colour else []) + [o.shape]
-        phrases.append(" ".join([_article(words[0])] + words + ([POSITIONS[o.cell]] if position else [])))
-    return join_objects(phrases) + (f" on a {scene.background} background" if background else "")
+    phrases = [object_phrase(o, size, colour, position) for o in scene.objects[:objects]]
+    return join_objects(phrases, scene.background if background else None)
 
 
-def join_objects(phrases: list[str]) -> str:
-    """The caption grammar: "A", "A and B", "A, B and C"."""
-    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+def object_phrase(o: Obj, size=True, colour=True, position=True) -> str:
+    """One object with the chosen attributes: "a small red circle at top left"."""
+    words = ([o.size] if size else []) + ([o.colour] if colour else []) + [o.shape]
+    return " ".join([_article(words[0])] + words + ([POSITIONS[o.cell]] if position else []))
+
+
+def join_objects(phrases: list[str], background: str | None = None) -> str:
+    """The caption grammar: "A", "A and B", "A, B and C", then " on a grey background" if one is given."""
+    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return text + (f" on a {background} background" if background else "")
 
 
 def rich_caption(scene: Scene) -> str:

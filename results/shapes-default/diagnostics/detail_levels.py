@@ -29,10 +29,9 @@ def run_form(scene, objects, guessed_shapes=False):
     main, small = scene.objects[0], scene.objects[1:objects]
     if guessed_shapes:
         small = [dataclasses.replace(o, shape=main.shape) for o in small]
-    phrases = [shapes.describe(shapes.Scene((main,), scene.background), size=False, background=False)]
-    phrases += [shapes.describe(shapes.Scene((o,), scene.background), size=False, position=False, background=False)
-                for o in small]
-    return shapes.join_objects(phrases) + f" on a {scene.background} background"
+    phrases = [shapes.object_phrase(main, size=False)] + [shapes.object_phrase(o, size=False, position=False)
+                                                          for o in small]
+    return shapes.join_objects(phrases, scene.background)
 
 
 LEVELS = {  # name: caption of a scene
