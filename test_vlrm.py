@@ -64,8 +64,8 @@ def test_caption_grammar_covers_every_attribute():
                     assert text == f"{article} {size} {colour} {shape} {phrase} on a grey background"
     scene = shapes.Scene((shapes.Obj("cross", "orange", "large", 0), shapes.Obj("circle", "blue", "small", 2),
                           shapes.Obj("diamond", "pink", "small", 8)), "white")
-    assert shapes.rich_caption(scene) == ("a large orange cross at top left, a small blue circle at top right and "
-                                          "a small pink diamond at bottom right on a white background")
+    assert shapes.rich_caption(scene) == ("a large orange cross at top left on a white background with a small blue "
+                                          "circle at top right and a small pink diamond at bottom right")
     assert shapes.describe(scene, 1, size=False, position=False, background=False) == "an orange cross"
     shallow = [shapes.shallow_caption(scene, rng) for _ in range(200)]
     assert shallow.count("a cross") > 60  # the commonest caption (45%) names only the main object
@@ -169,10 +169,10 @@ def test_lm_prefix_puts_the_background_first_as_caption_tokens(world):
     """shapes.py design choice 2: the reference LM's prefix holds the caption's content words, background
     first, each the very token the caption uses for it."""
     tok = PreTrainedTokenizerFast.from_pretrained(world.path("ref_lm"))
-    caption = "a red circle at top left and a blue cross on a grey background"
+    caption = "a red circle at top left on a grey background with a blue cross"
     ids = shapes.content_ids(caption, tok, world.config.num_query_tokens)
     words = [tok.decode([i]).strip() for i in ids if i != tok.pad_token_id]
-    assert words == ["grey", "red", "circle", "top", "left", "blue", "cross"]
+    assert words == ["grey", "red", "circle", "top", "left", "with", "blue", "cross"]
     assert set(ids) - {tok.pad_token_id} <= set(tok(caption)["input_ids"])
     assert len(ids) == world.config.num_query_tokens
 

@@ -35,7 +35,7 @@ Design choices (what the paper leaves open, and what we chose):
     tiny policy's entropy halved within 60 updates and it settled on repeated shapes ("a square, a
     square and a cross"); an entropy bonus of 0.05 kept it exploring until it found colours and
     positions (world v5; validation R@1 at step 1,000: 0.03 without, 0.105 with). On world v6 repeated
-    shapes came back even with the bonus, as a way to count objects (README, "What this shows").
+    shapes came back even with the bonus, as a way to count objects (README, "Why R@1 was stuck on v6").
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Why does the tuned policy stop after the main object? For training scenes with two or more objects,
 take the policy's greedy caption (the main object), then measure (1) how often sampling would go on
 after it instead of ending (1 - P(EOS)), and (2) what it says when made to go on: sample the rest of
-"<greedy caption> and a ...", check the first shape and colour it names against the scene's small
-objects, and compare the vlrm-rs reward of the longer caption with the greedy one's.
+"<greedy caption> with a ..." (v10's grammar: "and a ..."), check the first shape and colour it names
+against the scene's small objects, and compare the vlrm-rs reward of the longer caption with the
+greedy one's.
 
 With --truth, the caption to go on from is the main object's true description ("a blue circle at
 bottom left") instead of the greedy one: does the captioner know the small objects in that context?

@@ -1,7 +1,8 @@
 """Why no run names a third object, though 359 of the 1,000 test scenes have one.
 
-In this world's grammar the road to a third object forks right after the first: "a X at P, a Y ... and
-a Z ..." takes a comma there, while "a X at P and a Y ..." can only end after the second object.
+Written for world v10 (commit 4577a21 and before; the grammar changed in v14). In its grammar the road
+to a third object forks right after the first: "a X at P, a Y ... and a Z ..." takes a comma there,
+while "a X at P and a Y ..." can only end after the second object.
 On the test scenes with three objects, taking the main object's true description (colour, shape,
 position) as the stem:
 (1) What does the captioner say next: P(",") against P(" and") and P(" on") (the background)? The same
