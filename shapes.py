@@ -57,9 +57,9 @@ Design choices (the world's models stand in for large pretrained ones, so traini
     (5%) of true captions. Its greedy captions are short, but detail can be sampled, and RL brings it out.
     The detailed captions show the contexts RL leads to (v13): half name every object, the small ones
     in random order, and each object's position is named or not on its own. So after "a red circle at
-    top ... with a blue square and a", the captioner has seen which object is left. (v12, with a fixed
-    order and all positions or none: made to go on from its own RL run's two-object captions, it named
-    the remaining colour right in 0.58 of scenes; v13: 0.83.)
+    top ... with a blue square and a", the captioner has seen which object is left. (Made to go on
+    from the v12 run's two-object test captions, v12's captioner, with a fixed order and all positions
+    or none, named the remaining colour right in 0.58 of scenes; v13's, with these captions, in 0.83.)
     (v5 had 55% "a circle", 15% with a colour and no tail: 17% of its sampled captions named a colour,
     1.0% a background. v7 had the shallow half only: made to go on from a main object's true
     description, "a blue circle at bottom left and a ...", it named a small object's shape and colour
