@@ -301,7 +301,7 @@ def shallow_caption(scene: Scene, rng: random.Random) -> str:
     if u < 0.87 or (u < 0.95 and len(scene.objects) == 1):
         return describe(scene, 1, size=False, colour=False, background=False)  # "a circle on the left"
     if u < 0.95:
-        return describe(scene, 2, size=False, colour=False, position=False, background=False)  # "a circle and a cross"
+        return describe(scene, 2, size=False, colour=False, position=False, background=False)  # "a circle with a cross"
     return partial_caption(scene, rng)  # the tail: "a small red circle at top on a grey background with a cross"
 
 

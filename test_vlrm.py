@@ -87,6 +87,22 @@ def test_truth_of_partial_captions():
     assert not shapes.is_true(two_circles, scene, objects=2)  # one object cannot stand for two
 
 
+def test_detailed_captions_show_the_contexts_rl_leads_to():
+    """shapes.py design choice 5: the captioner's detailed half names the small objects in either order,
+    each object's position on its own, and every object in about half the captions (+ 1/3 x the rest)."""
+    O, rng = shapes.Obj, random.Random(0)
+    scene = shapes.Scene((O("cross", "orange", "large", 0), O("circle", "blue", "small", 2),
+                          O("diamond", "pink", "small", 8)), "white")
+    captions = [shapes.detailed_caption(scene, rng) for _ in range(600)]
+    assert all(re.match(r"an? (large )?(orange )?cross", c) for c in captions)  # the main object first
+    both = [c for c in captions if "circle" in c and "diamond" in c]
+    assert 0.55 < len(both) / len(captions) < 0.8
+    assert any(c.index("circle") < c.index("diamond") for c in both)
+    assert any(c.index("diamond") < c.index("circle") for c in both)  # the small ones in random order
+    main_only = [c for c in both if "top left" in c and "top right" not in c and "bottom right" not in c]
+    small_only = [c for c in both if "top left" not in c and ("top right" in c or "bottom right" in c)]
+    assert main_only and small_only  # each object's position is named or not on its own
+
 def test_negatives_are_false_and_as_long_as_positives():
     rng = random.Random(0)
     scenes = shapes.make_splits(shapes.PRESETS["test"])["test"][:200]
