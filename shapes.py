@@ -73,7 +73,8 @@ Design choices (the world's models stand in for large pretrained ones, so traini
     must pay. With the background last ("A, B and C on a grey background", v10; "A with B and C on ...",
     v13), the background paid about +1.5 after the second object and a third object about +0.4, so
     every run learned two objects and the background, and stopped there: test R@1 0.265-0.277. The v14
-    run names three objects in 303 of the 359 three-object test scenes: R@1 0.465 (README, "Results").
+    run names three objects in 303 of the 359 three-object test scenes: R@1 0.465 (README, "Results on
+    the miniature world").
 """
 from __future__ import annotations
 
