@@ -103,6 +103,7 @@ def test_detailed_captions_show_the_contexts_rl_leads_to():
     small_only = [c for c in both if "top left" not in c and ("top right" in c or "bottom right" in c)]
     assert main_only and small_only  # each object's position is named or not on its own
 
+
 def test_negatives_are_false_and_as_long_as_positives():
     rng = random.Random(0)
     scenes = shapes.make_splits(shapes.PRESETS["test"])["test"][:200]
