@@ -1,9 +1,10 @@
 """What a run's test captions name, counted against the test scenes: how many objects per caption by the
 scene's object count, captions naming three objects with all three colours right, the background, small
 objects named twice (same colour and shape) and whether the scene holds two such, the other repeating
-captions, and the colour claims eval.py counts wrong, split into colours absent from the scene and
-colours present but bound to a shape the scene has in another colour (a guessed small shape). Last,
-how often true captions repeat a 3-gram: rich, and without positions (as the v14 run writes).
+captions, the main object's position named and right, and the colour claims eval.py counts wrong, split
+into colours absent from the scene and colours present but bound to a shape the scene has in another
+colour (a guessed small shape). Last, how often true captions repeat a 3-gram: rich, and without
+positions (as the v14 run writes).
 
     python results/shapes-default/diagnostics/caption_counts.py results/shapes-default/captions_shapes-vlrm-rs-seed0.json
 """
@@ -41,6 +42,9 @@ for key, caption in captions.items():
         c["  ... and the scene holds two such"] += [(o.colour, o.shape) for o in scene.objects[1:]].count(small[0]) == 2
         c["  ... its colour is a small object's"] += any(o.colour == small[0][0] for o in scene.objects[1:])
         c["  ... one copy with a position"] += sum("position" in o for o in objects[1:]) == 1
+    if objects and "position" in objects[0]:
+        c["the main object's position named"] += 1
+        c["  ... and right"] += objects[0]["position"] == scene.objects[0].cell
     if repeats_3gram(caption):
         c["repeat a 3-gram"] += 1
         if not doubled and len(small) == 2 and small[0][0] == small[1][0]:
