@@ -337,6 +337,30 @@ def test_a2c_step_raises_logprob_of_positive_advantage(world):
     assert change[0::2].sum() > change[1::2].sum()
 
 
+def test_kl_penalty_measures_the_move_away_from_the_base(world):
+    """frozen_base copies what is trained and shares what is frozen; the log ratio is 0 until the policy
+    moves, then nonzero on the caption tokens and 0 after EOS, while the base stays where it was."""
+    torch.manual_seed(0)
+    model, _ = vlrm.load_policy(world.path("captioner"))
+    base = vlrm.frozen_base(model)
+    assert base.language_model is model.language_model and base.vision_model is model.vision_model
+    assert base.qformer is not model.qformer and not any(p.requires_grad for p in base.parameters())
+    px = shapes.pixel_values(world.images("test")[:4])
+    W = model.language_model.get_output_embeddings().weight
+    with torch.no_grad():
+        image_embeds = model.vision_model(px).last_hidden_state
+        tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=10)
+
+        def ratio():
+            hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
+            return vlrm.log_ratio_to_base(base, image_embeds, hidden, tokens, mask, W)
+        assert ratio().abs().max() < 1e-5
+        model.language_projection.weight.add_(torch.randn_like(model.language_projection.weight))  # the policy moves
+        moved, valid = ratio(), mask.bool()
+    assert moved[valid].abs().mean() > 0.01 and (moved[~valid] == 0).all()
+    assert not torch.equal(base.language_projection.weight, model.language_projection.weight)
+
+
 def test_trainable_set_is_what_the_authors_released(world, policy):
     model, _ = policy
     names = set(vlrm.trainable_parameters(model))
@@ -387,11 +411,12 @@ def test_smoke_run_writes_checkpoint_and_metrics(world_root, world, tmp_path):
     assert json.loads(json.dumps(torch.load(ckpt / "trainer.pt", weights_only=False)["config"]))["steps"] == 4
 
 
-def test_resume_matches_an_uninterrupted_run(world_root, world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("--kl-coef", "0.5")])  # with KL, the base must stay the start's
+def test_resume_matches_an_uninterrupted_run(world_root, world, tmp_path, monkeypatch, extra):
     monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
-    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "full", 4)))
-    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "cut", 2)))  # "killed" after its step-2 checkpoint
-    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "cut", 4, "--resume")))
+    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "full", 4, *extra)))
+    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "cut", 2, *extra)))  # "killed" after step 2
+    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "cut", 4, "--resume", *extra)))
     full = torch.load(tmp_path / "full/checkpoint/vlrm-trainable.pt")
     cut = torch.load(tmp_path / "cut/checkpoint/vlrm-trainable.pt")
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
