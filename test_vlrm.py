@@ -428,6 +428,7 @@ def test_resume_matches_an_uninterrupted_run(world_root, world, tmp_path, monkey
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--lr", "-1"], "--lr must be positive"),
+    (["--kl-coef", "-0.1"], "--kl-coef must be 0 (off) or positive"),
     (["--reward", "clipscore"], "--reward must be one of"),
     (["--kernels", "cuda"], "--kernels must be one of"),
     (["--bad-phrases", "(unclosed"], "not a valid regular expression"),

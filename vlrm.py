@@ -178,6 +178,8 @@ def parse_config(argv=None) -> Config:
     for name in ("lr", "value_lr", "max_grad_norm"):
         if not getattr(cfg, name) > 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
+    if not cfg.kl_coef >= 0:  # a negative one would pay the policy for leaving the captioner
+        problems.append("--kl-coef must be 0 (off) or positive")
     if problems:
         parser.error("; ".join(problems))  # exit code 2
     for key, value in {**PRESETS[cfg.preset], **REWARDS[cfg.reward]}.items():
