@@ -345,14 +345,20 @@ def frozen_base(policy: Blip2ForConditionalGeneration) -> Blip2ForConditionalGen
 
 
 @torch.no_grad()
+def sampled_logprobs(model, image_embeds, tokens, valid, lm_head) -> torch.Tensor:
+    """log model(t_k) of the sampled tokens at the valid positions (N,), from ViT features, without grad."""
+    hidden = caption_states(model, soft_prefix(model, image_embeds), tokens)
+    return kernels.fused_logprob(hidden[valid], lm_head, tokens[valid])
+
+
+@torch.no_grad()
 def log_ratio_to_base(base, image_embeds, hidden, tokens, mask, lm_head) -> torch.Tensor:
     """log pi(t_k) - log pi_base(t_k) at each sampled token -> (B, T), 0 after EOS. Its sum over a caption
     is a one-sample estimate of KL(pi || pi_base); hidden (B, T, H) are the policy's caption states."""
     valid = mask.bool()
-    base_hidden = caption_states(base, soft_prefix(base, image_embeds), tokens)
     out = torch.zeros_like(mask)
     out[valid] = (kernels.fused_logprob(hidden.detach()[valid], lm_head, tokens[valid])
-                  - kernels.fused_logprob(base_hidden[valid], lm_head, tokens[valid]))
+                  - sampled_logprobs(base, image_embeds, tokens, valid, lm_head))
     return out
 
 
@@ -872,9 +878,7 @@ def explained_variance(values, returns, mask) -> float:
 @torch.no_grad()
 def approx_kl(policy, image_embeds, tokens, valid, logp_before, lm_head) -> float:
     """How far this update moved the policy on its own samples: E[(r - 1) - log r], r = pi_new / pi_old."""
-    hidden = caption_states(policy, soft_prefix(policy, image_embeds), tokens)  # the updated policy's
-    logp_after = kernels.fused_logprob(hidden[valid], lm_head, tokens[valid])
-    log_ratio = logp_after - logp_before
+    log_ratio = sampled_logprobs(policy, image_embeds, tokens, valid, lm_head) - logp_before  # updated policy
     return float((log_ratio.exp() - 1 - log_ratio).mean())
 
 
