@@ -411,18 +411,29 @@ def test_smoke_run_writes_checkpoint_and_metrics(world_root, world, tmp_path):
     assert json.loads(json.dumps(torch.load(ckpt / "trainer.pt", weights_only=False)["config"]))["steps"] == 4
 
 
-@pytest.mark.parametrize("extra", [(), ("--kl-coef", "0.5")])  # with KL, the base must stay the start's
-def test_resume_matches_an_uninterrupted_run(world_root, world, tmp_path, monkeypatch, extra):
+@pytest.mark.parametrize("extra", [("--kl-coef", "0"), ()])  # the preset's KL on: the base must stay the start's
+def test_resume_matches_an_uninterrupted_run(world_root, world, tmp_path, monkeypatch, capsys, extra):
     monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
     vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "full", 4, *extra)))
     vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "cut", 2, *extra)))  # "killed" after step 2
+    capsys.readouterr()
     vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "cut", 4, "--resume", *extra)))
+    assert "[warn] resuming" not in capsys.readouterr().out  # more steps is the same run
     full = torch.load(tmp_path / "full/checkpoint/vlrm-trainable.pt")
     cut = torch.load(tmp_path / "cut/checkpoint/vlrm-trainable.pt")
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
     steps = [json.loads(l)["step"] for l in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()
              if "reward/total" in l]
     assert steps == [2, 4]  # nothing logged twice
+
+
+def test_resume_with_other_settings_warns(world_root, world, tmp_path, monkeypatch, capsys):
+    """A run started before a default changed, resumed with the new one, is told what changed."""
+    monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
+    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "r", 2, "--kl-coef", "0")))
+    capsys.readouterr()
+    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "r", 3, "--resume")))
+    assert "differ from the checkpoint's: kl_coef 0.0 -> 0.05;" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [

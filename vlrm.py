@@ -21,7 +21,7 @@ Design choices (what the paper leaves open, and what we chose):
     would depend on the sampled action and bias the gradient.
  2. gamma = 1, sequence rewards at the last token, penalties where they occur, so the return of token
     k is R(t_k) = sum_j w_j * reward_j - sum_{s >= k} (w_bad * bad(s) + w_repeat * repeat(s)) (and the
-    optional KL penalty of choice 8).
+    KL penalty of choice 8, on in the shapes preset).
  3. Rollouts are pure samples (temperature 1, no top-k/top-p, no min length, no n-gram blocking): the
     update's log-probs must belong to the distribution that drew the samples. Repetition is controlled
     by the reward instead.
@@ -37,12 +37,12 @@ Design choices (what the paper leaves open, and what we chose):
     square and a cross"); an entropy bonus of 0.05 kept it exploring until it found colours and
     positions (world v5; validation R@1 at step 1,000: 0.03 without, 0.105 with). On world v6 repeated
     shapes came back even with the bonus, as a way to count objects (README, "Why R@1 was stuck on v6").
- 8. Optional, and off by default as in the paper: --kl-coef c charges c * (log pi - log pi_base) at every
-    sampled token, pi_base being the captioner as it started, so the policy leaves it only where the
-    reward pays for it. On the miniature world the rewards cannot read a small object's shape, and the
-    policy guesses; the penalty keeps the captioner's own guesses: c = 0.1, 0.05 and 0.03 cut
-    hallucination from 0.12 to 0.06, 0.07 and 0.09, with test R@1 0.356, 0.442 and 0.429 against 0.465
-    (README, "A penalty on leaving the base captioner" and "A candidate default").
+ 8. A penalty on leaving the captioner, not in the paper (so the paper preset has it off; the shapes
+    preset uses c = 0.05): --kl-coef c charges c * (log pi - log pi_base) at every sampled token, pi_base
+    being the captioner as it started, so the policy leaves it only where the reward pays for it. On the
+    miniature world the rewards cannot read a small object's shape, and the policy guesses; the penalty
+    keeps the captioner's own guesses: c = 0.1, 0.05 and 0.03 cut hallucination from 0.12 (c = 0) to
+    0.06, 0.07 and 0.09, with test R@1 0.356, 0.442 and 0.429 against 0.465 (README, "Results").
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class Config:
     value_lr: float = arg(1e-3, "value-head learning rate")
     value_warmup: int = arg(50, "iterations that train only the value head before the first actor update")
     ent_coef: float = arg(None, "entropy bonus (paper preset: 0, the paper's pure A2C; shapes: 0.05)")
-    kl_coef: float = arg(0.0, "penalty per sampled token on log pi - log pi_base, pi_base = the captioner as it started")
+    kl_coef: float = arg(None, "penalty per token on log pi - log pi_base, pi_base = the start (paper: 0; shapes: 0.05)")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     # machinery
     kernels: str = arg("auto", "log-prob/similarity kernels: auto (Triton on CUDA), torch or triton")
@@ -134,10 +134,11 @@ class Config:
 
 
 PRESETS = {
-    "shapes": dict(batch_size=32, max_new_tokens=40, itm_max_length=64, bf16=False, num_workers=0, ent_coef=0.05),
+    "shapes": dict(batch_size=32, max_new_tokens=40, itm_max_length=64, bf16=False, num_workers=0, ent_coef=0.05,
+                   kl_coef=0.05),
     "paper": dict(policy="Salesforce/blip2-opt-2.7b", itm="Salesforce/blip2-itm-vit-g", ref_lm="facebook/opt-2.7b",
                   clip="ViT-L-14/openai", batch_size=16, max_new_tokens=60, itm_max_length=32, bf16=True,
-                  num_workers=8, ent_coef=0.0),
+                  num_workers=8, ent_coef=0.0, kl_coef=0.0),
 }
 # Reward variants. vlrm-rs leans on CLIP (the retrieval-specialised model of the paper); vlrm on ITM.
 # Cosine similarities move by ~0.1 between a poor and a good caption, ITM logits by ~5: hence the scales.
@@ -146,6 +147,11 @@ REWARDS = {
     "vlrm": dict(w_clip=0.0, w_itm=1.0, w_ref=0.3, w_bad=2.0, w_repeat=1.0),
     "vlrm-rs": dict(w_clip=20.0, w_itm=0.3, w_ref=0.3, w_bad=2.0, w_repeat=1.0),
 }
+
+
+# Settings a resumed run may change without changing what it computes (--resume warns about the others).
+RESUME_MAY_CHANGE = {"steps", "resume", "run_dir", "log_every", "val_every", "val_size", "save_every",
+                     "num_workers", "kernels", "device"}
 
 
 def parse_config(argv=None) -> Config:
@@ -178,7 +184,7 @@ def parse_config(argv=None) -> Config:
     for name in ("lr", "value_lr", "max_grad_norm"):
         if not getattr(cfg, name) > 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
-    if not cfg.kl_coef >= 0:  # a negative one would pay the policy for leaving the captioner
+    if cfg.kl_coef is not None and not cfg.kl_coef >= 0:  # a negative one would pay for leaving the captioner
         problems.append("--kl-coef must be 0 (off) or positive")
     if problems:
         parser.error("; ".join(problems))  # exit code 2
@@ -737,6 +743,11 @@ def train(cfg: Config) -> Path:
         if main_rank:
             print(f"resumed from {ckpt} at step {start}")
             _truncate_metrics(run_dir / "metrics.jsonl", start)
+            changed = [f"{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in trainer["config"].items()
+                       if k not in RESUME_MAY_CHANGE and hasattr(cfg, k) and getattr(cfg, k) != v]
+            if changed:  # e.g. a default that changed since the run began: the rest is another computation
+                print(f"[warn] resuming with settings that differ from the checkpoint's: {', '.join(changed)}; "
+                      f"pass the run's own values to continue the same run")
 
     if world is not None:
         dataset, val_images = WorldImages(world.images("train")), torch.from_numpy(np.array(world.images("val")))
