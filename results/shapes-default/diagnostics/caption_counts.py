@@ -1,10 +1,11 @@
 """What a run's test captions name, counted against the test scenes: how many objects per caption by the
 scene's object count, captions naming three objects with all three colours right, the background, small
 objects named twice (same colour and shape) and whether the scene holds two such, the other repeating
-captions, the main object's position named and right, and the colour claims eval.py counts wrong, split
+captions (small objects sharing a colour; a small object named as the main one, no size telling them
+apart), the main object's position named and right, and the colour claims eval.py counts wrong, split
 into colours absent from the scene and colours present but bound to a shape the scene has in another
-colour (a guessed small shape). Last, how often true captions repeat a 3-gram: rich, and without
-positions (as the v14 run writes).
+colour (a guessed small shape). Last, how often true captions repeat a 3-gram: rich, without positions
+(as the c = 0 run on v14 writes), and without positions or sizes (as the c = 0.05 run writes).
 
     python results/shapes-default/diagnostics/caption_counts.py results/shapes-default/captions_shapes-vlrm-rs-seed0.json
 """
@@ -50,6 +51,11 @@ for key, caption in captions.items():
         if not doubled and len(small) == 2 and small[0][0] == small[1][0]:
             c["  other repeating: both small objects share a colour"] += 1
             c["  ... true"] += [o.colour for o in scene.objects[1:]].count(small[0][0]) == 2
+        main = (objects[0].get("colour"), objects[0]["shape"])
+        if not doubled and main in small and not any("size" in o for o in objects):  # sizes would tell them apart
+            c["  other repeating: a small object named as the main one, no sizes"] += 1
+            c["  ... and the scene holds one such"] += (scene.objects[0].colour, scene.objects[0].shape) in [
+                (o.colour, o.shape) for o in scene.objects[1:]]
     for i, o in enumerate(objects):
         if "colour" not in o:
             continue
@@ -61,6 +67,8 @@ for key, caption in captions.items():
             c["  ... the colour is in the scene"] += any(t.colour == o["colour"] for t in scene.objects)
 for name, count in c.items():
     print(f"{name:60s} {count}")
-for name, caption in (("rich", shapes.rich_caption), ("without positions", lambda s: shapes.describe(s, position=False))):
+for name, caption in (("rich", shapes.rich_caption),
+                      ("without positions", lambda s: shapes.describe(s, position=False)),
+                      ("without positions or sizes", lambda s: shapes.describe(s, size=False, position=False))):
     share = sum(repeats_3gram(caption(s)) for s in scenes) / len(scenes)
     print(f"{'true captions repeating a 3-gram, ' + name:60s} {share:.3f}")
