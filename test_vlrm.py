@@ -436,6 +436,15 @@ def test_resume_with_other_settings_warns(world_root, world, tmp_path, monkeypat
     assert "differ from the checkpoint's: kl_coef 0.0 -> 0.05;" in capsys.readouterr().out
 
 
+def test_presets_fill_only_what_is_not_given():
+    """shapes adds the entropy bonus and the KL penalty; paper keeps the paper's pure A2C; a flag, even 0, wins."""
+    shapes_cfg = vlrm.parse_config([])
+    paper_cfg = vlrm.parse_config(["--preset", "paper", "--images", "DIR"])
+    assert (shapes_cfg.ent_coef, shapes_cfg.kl_coef) == (0.05, 0.05)
+    assert (paper_cfg.ent_coef, paper_cfg.kl_coef) == (0.0, 0.0)
+    assert vlrm.parse_config(["--kl-coef", "0"]).kl_coef == 0.0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--lr", "-1"], "--lr must be positive"),
