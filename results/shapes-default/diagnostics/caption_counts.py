@@ -36,11 +36,12 @@ for key, caption in captions.items():
     if len(objects) == 3:
         c["three objects named, all three colours right"] += (sorted(str(o.get("colour")) for o in objects)
                                                               == sorted(o.colour for o in scene.objects))
-    small = [(o.get("colour"), o["shape"]) for o in objects[1:]]
+    small = [(o.get("colour"), o["shape"]) for o in objects[1:]]  # named small objects (colour, shape)
+    true_small = [(o.colour, o.shape) for o in scene.objects[1:]]  # the scene's
     doubled = len(small) == 2 and small[0] == small[1]
     if doubled:
         c["a small object (colour, shape) named twice"] += 1
-        c["  ... and the scene holds two such"] += [(o.colour, o.shape) for o in scene.objects[1:]].count(small[0]) == 2
+        c["  ... and the scene holds two such"] += true_small.count(small[0]) == 2
         c["  ... its colour is a small object's"] += any(o.colour == small[0][0] for o in scene.objects[1:])
         c["  ... one copy with a position"] += sum("position" in o for o in objects[1:]) == 1
     if objects and "position" in objects[0]:
@@ -51,11 +52,10 @@ for key, caption in captions.items():
         if not doubled and len(small) == 2 and small[0][0] == small[1][0]:
             c["  other repeating: both small objects share a colour"] += 1
             c["  ... true"] += [o.colour for o in scene.objects[1:]].count(small[0][0]) == 2
-        main = (objects[0].get("colour"), objects[0]["shape"])
+        main = objects and (objects[0].get("colour"), objects[0]["shape"])
         if not doubled and main in small and not any("size" in o for o in objects):  # sizes would tell them apart
             c["  other repeating: a small object named as the main one, no sizes"] += 1
-            c["  ... and the scene holds one such"] += (scene.objects[0].colour, scene.objects[0].shape) in [
-                (o.colour, o.shape) for o in scene.objects[1:]]
+            c["  ... and the scene holds one such"] += (scene.objects[0].colour, scene.objects[0].shape) in true_small
     for i, o in enumerate(objects):
         if "colour" not in o:
             continue
