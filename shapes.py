@@ -172,8 +172,9 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230), 
 # second to a wrong one in 0.58 / 0.59 / 0.48 of pairs (quality report, "right vs wrong small shape";
 # 0.5 = blind). So RL cannot learn small shapes, and guesses them. A v9 draft with small = 0.14 raised
 # that to 0.62 / 0.71 / 0.51 and halved the run's shape hallucination, but not its R@1 or its total
-# hallucination (README, "The v9 draft"). On v14 (the v15 draft), 0.14 gave 0.64 / 0.76 / 0.52, and its
-# run got small shapes right but named no third object: R@1 0.269 (README, "The v15 draft").
+# hallucination (results/shapes-default/NOTEBOOK.md, "The v9 draft"). On v14 (the v15 draft), 0.14 gave
+# 0.64 / 0.76 / 0.52, and its run got small shapes right but named no third object: R@1 0.269 (the
+# notebook, "The v15 draft").
 SIZES = {"small": 0.11, "large": 0.19}
 BACKGROUNDS = {"black": (20, 20, 20), "grey": (120, 120, 120), "white": (235, 235, 235)}
 # cell = 3*row + col. No two positions share a word 3-gram, but a 3-gram can run from a shape into its

@@ -36,14 +36,15 @@ Design choices (what the paper leaves open, and what we chose):
     tiny policy's entropy halved within 60 updates and it settled on repeated shapes ("a square, a
     square and a cross"); an entropy bonus of 0.05 kept it exploring until it found colours and
     positions (world v5; validation R@1 at step 1,000: 0.03 without, 0.105 with). On world v6 repeated
-    shapes came back even with the bonus, as a way to count objects (README, "Why R@1 was stuck on v6").
+    shapes came back even with the bonus, as a way to count objects (results/shapes-default/NOTEBOOK.md,
+    "Why R@1 was stuck on v6").
  8. A penalty on leaving the captioner, not in the paper (so the paper preset has it off; the shapes
     preset uses c = 0.05): --kl-coef c charges c * (log pi - log pi_base) at every sampled token, pi_base
     being the captioner as it started, so the policy leaves it only where the reward pays for it. On the
     miniature world the rewards cannot read a small object's shape, and the policy guesses; the penalty
     keeps the captioner's own guesses: c = 0.1, 0.05 and 0.03 cut hallucination from 0.12 (c = 0) to
-    0.06, 0.07 and 0.09, with test R@1 0.356, 0.442 and 0.429 against 0.465 (README, "Results on the
-    miniature world").
+    0.06, 0.07 and 0.09, with test R@1 0.356, 0.442 and 0.429 against 0.465 (results/shapes-default/
+    NOTEBOOK.md, "A penalty on leaving the base captioner" and "The KL penalty as the default").
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@ the judge CLIP's and the reward CLIP's R@1, and the mean vlrm-rs reward (20 x CL
 reference LM) on the first 300 of them. "repeated shape" is the v6 policy's hack: the main shape once
 per object ("a square, a square and a square" in v10's grammar). "run form" is how the v10 run writes
 (the main object's colour, shape and position, the small ones' colour and shape, the background), with
-two objects, or three, in the grammar of the world built. The README's figures for it are world v10's.
+two objects, or three, in the grammar of the world built. The lab notebook's figures for it
+(results/shapes-default/NOTEBOOK.md) are world v10's.
 
     python results/shapes-default/diagnostics/detail_levels.py
 """
