@@ -43,8 +43,9 @@ Design choices (what the paper leaves open, and what we chose):
     being the captioner as it started, so the policy leaves it only where the reward pays for it. On the
     miniature world the rewards cannot read a small object's shape, and the policy guesses; the penalty
     keeps the captioner's own guesses: c = 0.1, 0.05 and 0.03 cut hallucination from 0.12 (c = 0) to
-    0.06, 0.07 and 0.09, with test R@1 0.356, 0.442 and 0.429 against 0.465 (results/shapes-default/
-    NOTEBOOK.md, "A penalty on leaving the base captioner" and "The KL penalty as the default").
+    0.06, 0.07 and 0.09, with test R@1 0.356, 0.442 and 0.429 against 0.465
+    (results/shapes-default/NOTEBOOK.md, "A penalty on leaving the base captioner" and "The KL penalty
+    as the default").
 """
 from __future__ import annotations
 
