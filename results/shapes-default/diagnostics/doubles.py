@@ -81,7 +81,10 @@ def p_shape(model, stems):
 
 
 if len(sys.argv) > 2:
-    run = vlrm.load_policy(str(vlrm.find_checkpoint(Path(sys.argv[2])) / "policy"))[0]
+    checkpoint = vlrm.find_checkpoint(Path(sys.argv[2]))
+    if checkpoint is None:
+        sys.exit(f"no checkpoint in {sys.argv[2]}: give the run directory of vlrm.py (e.g. runs/shapes-vlrm-rs-seed0)")
+    run = vlrm.load_policy(str(checkpoint / "policy"))[0]
     # (scene, stem, the shape that makes it a double): the run's own stems, and the true ones, cut after
     # "... and a C", C being the second object's colour
     written = [(i, c[:m.start(1)].rstrip(), m.group(1)) for i, c, m in groups["doubled"]]
