@@ -93,8 +93,9 @@ if len(sys.argv) > 2:
         if len(scene.objects) == 3:
             truth = shapes.describe(scene, size=False, position=False)
             second = scene.objects[1]
-            article = "an" if second.colour[0] in "aeiou" else "a"
-            made.append((i, truth[:THIRD.search(truth).start()] + f" and {article} {second.colour}", second.shape))
+            double = shapes.object_phrase(second, size=False, position=False)  # "a red triangle"
+            made.append((i, truth[:THIRD.search(truth).start()] + " and " + double[:-len(second.shape) - 1],
+                         second.shape))
     print(f"\nP(the repeated shape): on the {len(written)} stems where the run wrote a double / on {len(made)} "
           "true three-object stems ending in the second object's colour")
     for name, model in (("base captioner", policy), ("the run's policy", run)):
