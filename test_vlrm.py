@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -317,19 +318,20 @@ def test_a2c_step_raises_logprob_of_positive_advantage(world):
         image_embeds = model.vision_model(px).last_hidden_state
         tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=10)
     W = model.language_model.get_output_embeddings().weight
-    advantages = torch.tensor([1.0, 0.0] * 4)[:, None].expand_as(mask) * mask  # even captions good, odd neutral
-
-    def valid_states():  # (N, H) at the valid caption positions, under the current trainable weights
-        return vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)[mask.bool()]
+    returns = torch.tensor([1.0, 0.0] * 4)[:, None].expand_as(mask) * mask  # even captions good, odd neutral
+    value_head = vlrm.ValueHead(model.config.text_config.word_embed_proj_dim)
+    torch.nn.init.zeros_(value_head.net[-1].weight)  # V = 0, so A = R / std(R): positive on the even captions
+    torch.nn.init.zeros_(value_head.net[-1].bias)
 
     def seq_logp():
-        logp = vlrm.kernels.fused_logprob(valid_states(), W, tokens[mask.bool()])
+        hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
+        logp = vlrm.kernels.fused_logprob(hidden[mask.bool()], W, tokens[mask.bool()])
         return torch.zeros_like(mask).masked_scatter(mask.bool(), logp).sum(1)
 
     before = seq_logp().detach()
     opt = torch.optim.SGD(params.values(), lr=0.01)  # small: the first-order effect dominates
-    loss = vlrm.kernels.policy_loss(valid_states(), W, tokens[mask.bool()], advantages[mask.bool()])[0]
-    loss.backward()
+    hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
+    vlrm.a2c_losses(hidden, value_head, tokens, mask, returns, W, ent_coef=0.0)["actor"].backward()
     assert all(p.grad is not None for p in params.values()) and W.grad is None
     opt.step()
     change = seq_logp().detach() - before
@@ -453,6 +455,9 @@ def test_presets_fill_only_what_is_not_given():
     (["--kernels", "cuda"], "--kernels must be one of"),
     (["--bad-phrases", "(unclosed"], "not a valid regular expression"),
     (["--preset", "paper"], "--preset paper needs --images"),
+    (["--num-workers", "-1"], "--num-workers must be 0"),
+    (["--itm-max-length", "0"], "--itm-max-length must be a positive integer"),
+    (["--w-clip", "0", "--w-itm", "0", "--w-ref", "0"], "no reward to learn from"),
 ])
 def test_bad_values_exit_2(args, message):
     proc = subprocess.run([sys.executable, "vlrm.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -513,6 +518,59 @@ def test_paper_preset_on_a_folder_of_images(world_root, world, tmp_path):
 def test_unreachable_clip_names_itself():
     with pytest.raises(vlrm.UsageError, match="ViT-L-14/openai"):
         vlrm.load_clip("ViT-L-14/openai")
+    with pytest.raises(vlrm.UsageError, match="names no weights.*openai"):  # not random weights, silently
+        vlrm.load_clip("ViT-B-32")
+
+
+def test_image_list_paths_start_from_the_list_file(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    vlrm.Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "imgs" / "a.png")
+    listing = tmp_path / "train.txt"
+    listing.write_text("imgs/a.png\n\n")
+    data = vlrm.ImageFiles(str(listing), 16)
+    assert len(data) == 1 and data[0].shape == (16, 16, 3)
+    listing.write_text("imgs/a.png\nimgs/gone.png\n")
+    with pytest.raises(vlrm.UsageError, match="lists 1 files that do not exist.*gone.png"):
+        vlrm.ImageFiles(str(listing), 16)
+
+
+def test_skipped_steps_still_save_and_stop(world_root, world, tmp_path, capsys):
+    """A batch with no readable image skips its update, not the step's bookkeeping: the last step's
+    checkpoint is written even so, and train() hands the signal handlers back."""
+    listing = tmp_path / "broken.txt"
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(b"not an image")
+    listing.write_text("".join(f"{i}.png\n" for i in range(4)))
+    handler = signal.getsignal(signal.SIGINT)
+    vlrm.train(vlrm.parse_config(["--preset", "paper", "--policy", world.path("captioner"), "--itm", world.path("itm"),
+                                  "--ref-lm", "policy", "--clip", world.path("clip"), "--images", str(listing),
+                                  "--device", "cpu", "--steps", "2", "--batch-size", "2", "--num-workers", "0",
+                                  "--run-dir", str(tmp_path / "run"), "--kernels", "torch"]))
+    assert capsys.readouterr().out.count("no readable image in the batch") == 2
+    trainer = torch.load(tmp_path / "run/checkpoint/trainer.pt", weights_only=False)
+    assert trainer["step"] == 2 and trainer["skipped_images"] == 4
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_checkpoint_writes_survive_leftovers(world, tmp_path):
+    """A save killed while deleting checkpoint.old leaves it behind: the next save must still succeed."""
+    policy, processor = vlrm.load_policy(world.path("captioner"))
+    head = vlrm.ValueHead(policy.config.text_config.word_embed_proj_dim)
+    opt = torch.optim.AdamW(head.parameters())
+    cfg = vlrm.parse_config([])
+    vlrm.save_checkpoint(tmp_path, policy, processor, head, opt, opt, 1, cfg, [vlrm.rng_state()])
+    (tmp_path / "checkpoint.old" / "policy").mkdir(parents=True)  # beside the complete checkpoint/
+    (tmp_path / "checkpoint.old" / "policy" / "stale").write_text("left over")
+    vlrm.save_checkpoint(tmp_path, policy, processor, head, opt, opt, 2, cfg, [vlrm.rng_state()])
+    assert torch.load(vlrm.find_checkpoint(tmp_path) / "trainer.pt", weights_only=False)["step"] == 2
+    assert not (tmp_path / "checkpoint.old").exists() and not (tmp_path / "checkpoint.tmp").exists()
+
+
+def test_resume_drops_metric_lines_past_the_checkpoint_and_torn_ones(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 10}\n{"step": 20}\n{"step": 30}\n{"step": 3')  # killed mid-line
+    vlrm._truncate_metrics(log, 20)
+    assert log.read_text() == '{"step": 10}\n{"step": 20}\n'
 
 
 def _rank_losses(rank, world_size, port, captioner, out):

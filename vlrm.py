@@ -9,7 +9,7 @@ that keeps the text natural and penalties that stop the policy from gaming those
 Run:
     python vlrm.py --steps 5000                      # the miniature world (built on first use), CPU
     python vlrm.py --steps 20 --world test           # a smoke run on the tiny test world
-    python vlrm.py --resume --run-dir runs/shapes    # continue a killed run where it stopped
+    python vlrm.py --steps 5000 --resume             # continue a killed run (same flags) where it stopped
     python vlrm.py --preset paper --images DIR       # BLIP-2 OPT-2.7B on a folder of images, one GPU
     torchrun --nproc_per_node=8 vlrm.py --preset paper --images DIR
     python eval.py                                   # evaluate the base captioner and the latest run
@@ -100,7 +100,8 @@ class Config:
     itm: str = arg(None, "BLIP2-ITM reward: hub id or folder (Blip2ForImageTextRetrieval)")
     ref_lm: str = arg(None, "reference LM: hub id, folder, or 'policy' to reuse the policy's frozen OPT")
     judge_clip: str = arg(None, "CLIP for validation R@1, never trained against (default: the world's judge)")
-    images: str = arg(None, "training images (paper preset): a folder, or a text file with one path per line")
+    images: str = arg(None, "training images (paper preset): a folder, or a text file with one path per line "
+                            "(relative to the file's folder)")
     # reward
     reward: str = arg("vlrm-rs", "reward variant: vlrm (ITM-led) or vlrm-rs (retrieval specialised, CLIP-led)")
     w_clip: float = arg(None, "weight of CLIP cosine similarity")
@@ -123,7 +124,8 @@ class Config:
     kl_coef: float = arg(None, "penalty per token on log pi - log pi_base, pi_base = the start (paper: 0; shapes: 0.05)")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     # machinery
-    kernels: str = arg("auto", "log-prob/similarity kernels: auto (Triton on CUDA), torch or triton")
+    kernels: str = arg("auto", "log-prob/similarity kernels: auto (Triton on CUDA, or under TRITON_INTERPRET=1), "
+                               "torch or triton")
     device: str = arg("auto", "auto, cpu or cuda")
     bf16: bool = arg(None, "run frozen models in bfloat16 (paper preset on GPU)")
     seed: int = arg(0, "seed; ranks use seed + rank for sampling")
@@ -181,9 +183,11 @@ def parse_config(argv=None) -> Config:
         problems.append(f"--world must be one of {sorted(shapes.PRESETS)}, not {cfg.world!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
-    for name in ("steps", "log_every", "val_every", "save_every", "val_size", "repeat_ngram"):
-        if getattr(cfg, name) <= 0:
+    for name in ("steps", "log_every", "val_every", "save_every", "val_size", "repeat_ngram", "itm_max_length"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be a positive integer")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        problems.append("--num-workers must be 0 (decode in the main process) or a positive integer")
     for name in ("lr", "value_lr", "max_grad_norm"):
         if not getattr(cfg, name) > 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
@@ -198,6 +202,8 @@ def parse_config(argv=None) -> Config:
         parser.error("--preset paper needs --images: a folder of training images, or a text file of paths")
     if cfg.batch_size <= 0 or cfg.max_new_tokens <= 0:
         parser.error("--batch-size and --max-new-tokens must be positive integers")
+    if not (cfg.w_clip or cfg.w_itm or cfg.w_ref):
+        parser.error("--w-clip, --w-itm and --w-ref are all 0: there is no reward to learn from")
     try:
         re.compile(cfg.bad_phrases)
     except re.error as e:
@@ -254,6 +260,10 @@ def load_clip(spec: str, device="cpu"):
     if os.path.isdir(spec):
         spec = f"local-dir:{spec}"
     name, _, tag = (spec, "", None) if spec.startswith(("local-dir:", "hf-hub:")) else spec.partition("/")
+    if tag == "":  # open_clip would build the architecture with random weights, silently
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
+        raise UsageError(f"CLIP {spec!r} names no weights: give 'MODEL/TAG' (tags of {name}: {tags}), "
+                         f"'local-dir:PATH' or a folder")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag or None)
         tokenizer = open_clip.get_tokenizer(name)
@@ -325,7 +335,7 @@ def rollout(policy, prefix: torch.Tensor, max_new_tokens: int) -> tuple[torch.Te
         token = token.masked_fill(finished, text_cfg.pad_token_id)  # finished captions only pad
         tokens.append(token)
         finished |= token == text_cfg.eos_token_id
-        if finished.all():
+        if finished.all() or len(tokens) == max_new_tokens:
             break
         logits = lm(input_ids=token[:, None], past_key_values=cache).logits  # (B, 1, V)
     tokens = torch.stack(tokens, 1)
@@ -401,7 +411,8 @@ def clip_reward(spec: str, device):
         txt = model.encode_text(tokenizer(captions).to(device))
         return kernels.pair_similarity(img.float(), txt.float())
     reward.limit = model.context_length  # longer captions are cut: their tails are invisible to the reward
-    reward.token_counts = lambda captions: [len(tokenizer.encode(c)) + 2 for c in captions]  # + start/end
+    if hasattr(tokenizer, "encode"):  # open_clip's own tokenizer; its HF-hub ones cannot count: not reported
+        reward.token_counts = lambda captions: [len(tokenizer.encode(c)) + 2 for c in captions]  # + start/end
     return reward
 
 
@@ -432,7 +443,8 @@ def ref_lm_reward(spec: str, policy, policy_tokenizer, device, dtype):
 
     @torch.no_grad()
     def reward(images, captions):
-        enc = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, return_tensors="pt").to(device)
+        enc = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, padding_side="right",
+                        return_tensors="pt").to(device)  # right: position 0 of every row is BOS
         logits = lm(**enc).logits[:, :-1].float()
         ids, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].float()
         logp = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
@@ -505,8 +517,12 @@ class ImageFiles(torch.utils.data.Dataset):
         p = Path(source)
         if p.is_dir():
             self.files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in self.EXT)
-        elif p.is_file():
-            self.files = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        elif p.is_file():  # relative paths start from the list file's folder, wherever the run starts
+            self.files = [str(p.parent / line.strip()) for line in p.read_text().splitlines() if line.strip()]
+            missing = [f for f in self.files if not os.path.isfile(f)]
+            if missing:
+                raise UsageError(f"--images {source!r} lists {len(missing)} files that do not exist, e.g. "
+                                 f"{missing[0]!r}; relative paths are read from the list file's folder")
         else:
             raise UsageError(f"--images {source!r} is neither a folder nor a list file")
         if not self.files:
@@ -561,13 +577,15 @@ class StepSampler(torch.utils.data.Sampler):
         return self.steps - self.start
 
     def __iter__(self):
-        per_step = self.bs * self.world_size
+        per_step, perm_epoch, perm = self.bs * self.world_size, None, None
         for step in range(self.start, self.steps):
             first = step * per_step + self.rank * self.bs
             idx = []
             for j in range(first, first + self.bs):
                 epoch, pos = divmod(j, self.n)
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+                if epoch != perm_epoch:  # drawn once per epoch: a million images take ~0.2 s to permute
+                    gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+                    perm_epoch, perm = epoch, torch.randperm(self.n, generator=gen)
                 idx.append(int(perm[pos]))
             yield idx
 
@@ -615,7 +633,8 @@ def check_ranks_agree(params) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: atomic folders; the policy as save_pretrained and in the authors' trainable-only format.
-def save_checkpoint(run_dir: Path, policy, processor, value_head, actor_opt, critic_opt, step, cfg, rng_states):
+def save_checkpoint(run_dir: Path, policy, processor, value_head, actor_opt, critic_opt, step, cfg, rng_states,
+                    skipped_images=0):
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp / "policy")
@@ -623,8 +642,10 @@ def save_checkpoint(run_dir: Path, policy, processor, value_head, actor_opt, cri
     torch.save({k: v.detach().cpu() for k, v in trainable_parameters(policy).items()}, tmp / "vlrm-trainable.pt")
     torch.save({"step": step, "config": dataclasses.asdict(cfg), "value_head": value_head.state_dict(),
                 "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
-                "rng": rng_states}, tmp / "trainer.pt")
+                "rng": rng_states, "skipped_images": skipped_images}, tmp / "trainer.pt")
     if final.exists():
+        if old.exists():  # left by a save killed while deleting it; `final` is complete
+            shutil.rmtree(old)
         os.replace(final, old)
     os.replace(tmp, final)  # the previous checkpoint survives until the new one is complete
     shutil.rmtree(old, ignore_errors=True)
@@ -639,7 +660,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 def rng_state():
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}  # this rank's GPU
 
 
 def set_rng_state(state):
@@ -647,7 +668,7 @@ def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -683,9 +704,13 @@ def train(cfg: Config) -> Path:
         raise UsageError("--device cuda, but torch sees no GPU")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if cfg.kernels == "triton" and device.type != "cuda" and not kernels.INTERPRET:
+        raise UsageError("--kernels triton needs a CUDA GPU (or TRITON_INTERPRET=1, slow); use --kernels auto")
     dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
     kernels.set_backend(cfg.kernels)
     run_dir, main_rank = Path(cfg.run_dir), rank == 0
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {cfg.run_dir!r} is a file; give a folder")
     ckpt = find_checkpoint(run_dir)
     if cfg.resume and ckpt is None:
         raise UsageError(f"--resume: no checkpoint in {run_dir}; start without --resume")
@@ -729,7 +754,7 @@ def train(cfg: Config) -> Path:
     value_head = ValueHead(policy.config.text_config.word_embed_proj_dim).to(device)
     actor_opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(value_head.parameters(), lr=cfg.value_lr, weight_decay=0.0)
-    start = 0
+    start, skipped_images = 0, 0
     if ckpt is not None:
         try:
             trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
@@ -740,7 +765,7 @@ def train(cfg: Config) -> Path:
         value_head.load_state_dict(trainer["value_head"])
         actor_opt.load_state_dict(trainer["actor_opt"])
         critic_opt.load_state_dict(trainer["critic_opt"])
-        start = trainer["step"]
+        start, skipped_images = trainer["step"], trainer.get("skipped_images", 0)
         if len(trainer["rng"]) != world_size:
             raise UsageError(f"{ckpt} was written by {len(trainer['rng'])} ranks; resume it with as many")
         if main_rank:
@@ -769,20 +794,49 @@ def train(cfg: Config) -> Path:
     else:
         torch.manual_seed(cfg.seed + rank)  # ranks draw different samples
 
-    stop = {"flag": False}  # Ctrl-C / SIGTERM: finish the step, save, exit
+    stop = {"flag": False}  # Ctrl-C / SIGTERM: finish the step, save, exit; a second one stops at once
 
     def request_stop(signum, frame):
+        if stop["flag"]:
+            raise KeyboardInterrupt
         stop["flag"] = True
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def end_of_step(step: int) -> bool:
+        """What every step does, updated or skipped: validate and save when due, save and stop when asked.
+        -> True when the run must stop. Every rank calls it at every step: it holds collectives."""
+        bar.update()
+        stopping = any_rank(stop["flag"])  # one answer for all ranks: a signal reaches them at different times
+        if main_rank and val_images is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            val = greedy_captions(policy, tokenizer, to_pixels(val_images), cfg.max_new_tokens)
+            r = clip_recall(judge, judge_tokenizer, judge_pixels, val_images, val)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "val/judge_r1": r["R@1"], "val/judge_r5": r["R@5"],
+                                    "val/caption_len": float(np.mean([len(c.split()) for c in val]))}) + "\n")
+            tqdm.write(f"[val] step {step}: judge R@1 {r['R@1']:.3f}  e.g. " + " | ".join(val[:3]))
+        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+            states = [rng_state()]
+            if dist.is_initialized():
+                states = [None] * world_size
+                dist.all_gather_object(states, rng_state())
+                check_ranks_agree(params.values())
+            if main_rank:
+                save_checkpoint(run_dir, policy, processor, value_head, actor_opt, critic_opt, step, cfg, states,
+                                skipped_images)
+        if stopping and main_rank:
+            tqdm.write(f"interrupted: checkpoint saved at step {step}; continue with --resume --run-dir {run_dir}")
+        return stopping
 
     lm_head = policy.language_model.get_output_embeddings().weight  # (V, H), frozen
     bar = tqdm(total=cfg.steps, initial=start, disable=not main_rank, desc="vlrm", dynamic_ncols=True)
-    t_last, step, steps_since_log, skipped_images = time.time(), start, 0, 0
+    t_last, step, steps_since_log = time.time(), start, 0
     for images, n_bad in loader:
         skipped_images += n_bad
         if any_rank(images is None):  # every file of a batch unreadable: skip the step on all ranks
+            tqdm.write(f"[warn] step {step}: no readable image in the batch ({n_bad} files); step skipped")
             step += 1
+            if end_of_step(step):
+                break
             continue
         with torch.no_grad():
             image_embeds = policy.vision_model(to_pixels(images).to(dtype)).last_hidden_state  # frozen ViT, once
@@ -800,15 +854,14 @@ def train(cfg: Config) -> Path:
             divergence = log_ratio_to_base(base, image_embeds, hidden, tokens, mask, lm_head).cpu()  # (B, T)
             penalty = penalty + cfg.kl_coef * divergence
         returns = returns_to_go(sequence_reward, penalty, mask.cpu()).to(device)
-        if any_rank(not torch.isfinite(returns).all()):
-            tqdm.write(f"[warn] step {step}: non-finite reward; step skipped ({ {k: v.tolist() for k, v in parts.items()} })")
-            step += 1
-            continue
-
         losses = a2c_losses(hidden, value_head, tokens, mask, returns, lm_head, cfg.ent_coef)
-        if any_rank(not (torch.isfinite(losses["value"]) and torch.isfinite(losses["actor"]))):
-            tqdm.write(f"[warn] step {step}: non-finite loss; step skipped")
+        if any_rank(not (torch.isfinite(returns).all() and torch.isfinite(losses["value"])
+                         and torch.isfinite(losses["actor"]))):  # it never reaches the weights
+            tqdm.write(f"[warn] step {step}: non-finite reward or loss; step skipped "
+                       f"({ {k: v.tolist() for k, v in parts.items()} })")
             step += 1
+            if end_of_step(step):
+                break
             continue
 
         # step 2: critic update ---------------------------------------------------------------------
@@ -830,9 +883,8 @@ def train(cfg: Config) -> Path:
                 tqdm.write(f"[warn] step {step}: non-finite gradient; actor step skipped")
         step += 1
 
-        # logging, validation, checkpoints ------------------------------------------------------------
+        # logging; then validation and checkpoints, in end_of_step -------------------------------------
         words = float(np.mean([len(c.split()) for c in captions]))
-        bar.update()
         bar.set_postfix(reward=f"{sequence_reward.mean():.3f}", words=f"{words:.1f}")
         steps_since_log += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -851,32 +903,17 @@ def train(cfg: Config) -> Path:
             if device.type == "cuda":  # peak since the start, weights included
                 metrics["perf/gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             for name in ("clip", "itm"):
-                if name in rewards:
+                if hasattr(rewards.get(name), "token_counts"):
                     metrics[f"charts/{name}_truncated"] = truncated_share(rewards[name], captions)
             t_last, steps_since_log = time.time(), 0
             if main_rank:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-        if main_rank and val_images is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-            val = greedy_captions(policy, tokenizer, to_pixels(val_images), cfg.max_new_tokens)
-            r = clip_recall(judge, judge_tokenizer, judge_pixels, val_images, val)
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "val/judge_r1": r["R@1"], "val/judge_r5": r["R@5"],
-                                    "val/caption_len": float(np.mean([len(c.split()) for c in val]))}) + "\n")
-            tqdm.write(f"[val] step {step}: judge R@1 {r['R@1']:.3f}  e.g. " + " | ".join(val[:3]))
-        if step % cfg.save_every == 0 or step == cfg.steps or stop["flag"]:
-            states = [rng_state()]
-            if dist.is_initialized():
-                states = [None] * world_size
-                dist.all_gather_object(states, rng_state())
-                check_ranks_agree(params.values())
-            if main_rank:
-                save_checkpoint(run_dir, policy, processor, value_head, actor_opt, critic_opt, step, cfg, states)
-        if stop["flag"]:
-            if main_rank:
-                tqdm.write(f"interrupted: checkpoint saved at step {step}; continue with --resume --run-dir {run_dir}")
+        if end_of_step(step):
             break
     bar.close()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     if dist.is_initialized():
         dist.barrier()
     return run_dir
@@ -902,10 +939,19 @@ def truncated_share(reward_fn, captions) -> float:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint: the resumed run logs those steps again."""
+    """Drop metric lines past the checkpoint (the resumed run logs those steps again) and a line torn by
+    the kill; written to a new file, then renamed, so a second kill cannot tear the log."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in kept))
+        os.replace(tmp, path)
 
 
 def main(argv=None) -> None:
