@@ -1,4 +1,4 @@
-"""Fused kernels for VLRM: the LM-head log-prob with the A2C loss, and CLIP similarity/retrieval.
+"""Fused kernels for VLRM: the LM-head log-prob (and entropy) of the A2C loss, and CLIP similarity/retrieval.
 
 Why a fused LM head?  The policy update scores every caption token under OPT-2.7B:
 N = 64 captions x 60 tokens = 3,840 rows, hidden H = 2,560, vocabulary V = 50,272.
@@ -62,7 +62,7 @@ def _use_triton(backend, *tensors) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# 1. Linear -> log-prob of the target token (+ entropy), and the A2C policy loss
+# 1. Linear -> log-prob of the target token (+ entropy)
 # --------------------------------------------------------------------------------------------
 # Math, per row i with logits z_i = W h_i (V,), lse_i = log sum_j exp(z_ij), p_ij = exp(z_ij - lse_i):
 #     logp_i = z_i[t_i] - lse_i              entropy_i = lse_i - sum_j p_ij z_ij
@@ -355,7 +355,6 @@ def _triton_logprob_bwd(hidden, weight, targets, lse, ent, g, g_ent, need_grad_w
     dz = torch.empty(N, chunk, device=hidden.device, dtype=weight.dtype)
     grad_h = torch.zeros(N, H, device=hidden.device, dtype=torch.float32)
     grad_w = torch.empty_like(weight) if need_grad_w else None
-    hidden_w = hidden.to(weight.dtype)
     def grid(META):                                              # tiles come from the autotuner
         return triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(chunk, META["BLOCK_V"])
 
@@ -368,7 +367,7 @@ def _triton_logprob_bwd(hidden, weight, targets, lse, ent, g, g_ent, need_grad_w
         dz_c = dz[:, : v_hi - v_lo]
         _addmm_fp32_(grad_h, dz_c, weight[v_lo:v_hi])
         if need_grad_w:
-            torch.mm(dz_c.t(), hidden_w, out=grad_w[v_lo:v_hi])
+            torch.mm(dz_c.t(), hidden, out=grad_w[v_lo:v_hi])
     return grad_h.to(hidden.dtype), grad_w
 
 
@@ -408,27 +407,16 @@ def fused_logprob(hidden, weight, targets, *, with_entropy=False, backend=None, 
 
     hidden (N, H) float, weight (V, H), targets (N,) int64 -> logp (N,) fp32 [, entropy (N,) fp32].
     Differentiable wrt hidden, and wrt weight when it requires grad.  `chunk`: rows per step of
-    the torch reference.
+    the torch reference.  Targets must lie in [0, V): the reference raises otherwise, the Triton
+    path does not check (a check would stall the GPU on every call).
     """
     targets = targets.long().contiguous()
-    if _use_triton(backend, hidden, weight, targets):
+    if _use_triton(backend, hidden, weight, targets) and hidden.shape[0] > 0:  # N = 0: nothing to launch
         hidden = hidden.to(weight.dtype).contiguous()  # one dtype for tl.dot
         logp, ent = _TritonLogProb.apply(hidden, weight.contiguous(), targets)
     else:
         logp, ent = _ChunkedLogProb.apply(hidden, weight, targets, chunk)
     return (logp, ent) if with_entropy else logp
-
-
-def policy_loss(hidden, weight, targets, advantages, mask=None, *, backend=None):
-    """A2C policy loss -sum(mask * A * logp) / max(sum(mask), 1) -> (loss fp32, logp detached).
-
-    The advantages are constants, so the loss reaches the kernel's backward as the per-row
-    upstream gradient g_i = -mask_i A_i / sum(mask): masked rows get exactly zero gradient.
-    """
-    logp = fused_logprob(hidden, weight, targets, backend=backend)
-    mask = torch.ones_like(logp) if mask is None else mask.float()
-    loss = -(mask * advantages.detach().float() * logp).sum() / mask.sum().clamp(min=1)
-    return loss, logp.detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,6 +455,9 @@ def _pair_similarity_kernel(
 
 def pair_similarity(image_emb, text_emb, *, backend=None):
     """(B, D), (B, D) -> (B,) fp32 cosine similarity of each image with its own caption."""
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(f"pair_similarity needs two (B, D) tensors of one shape, got {tuple(image_emb.shape)} "
+                         f"and {tuple(text_emb.shape)}")
     if not _use_triton(backend, image_emb, text_emb):
         return pair_similarity_torch(image_emb, text_emb)
     x, y = image_emb.contiguous(), text_emb.contiguous()
@@ -489,17 +480,18 @@ def _inv_norm(x):
 # bit-identical score and is not counted, because the match's score is read from the very same
 # computation as everyone else's -- never recomputed another way (a matmul's rounding depends
 # on the shapes).  This needs each tile element computed the same way wherever it sits: true
-# of tensor-core MMA, false of numpy's matmul, so the interpreter accumulates in fp64 and rounds
-# the scores to fp32 (position effects at 1e-16 vanish in the rounding).
+# of tensor-core MMA, false of numpy's matmul and of PyTorch's CPU matmul (its edge columns
+# round differently), so the interpreter and the reference accumulate in fp64 and round the
+# scores to fp32 (position effects at 1e-16 vanish in the rounding).
 
 def retrieval_ranks_torch(queries, gallery, targets, budget=1 << 24):
     """Reference: scores of a block of queries against the whole gallery, <= `budget` floats."""
-    g = gallery.float()
+    g = gallery.double()
     g_inv = _inv_norm(gallery)
     step = max(1, budget // g.shape[0])
-    ranks = []
+    ranks = [torch.zeros(0, dtype=torch.int64, device=queries.device)]  # N = 0: no ranks
     for i in range(0, queries.shape[0], step):
-        scores = (queries[i:i + step].float() @ g.t()) * g_inv            # (step, M)
+        scores = (queries[i:i + step].double() @ g.t()).float() * g_inv    # (step, M)
         match = scores.gather(1, targets[i:i + step, None])
         ranks.append((scores > match).sum(1))
     return torch.cat(ranks)
@@ -556,7 +548,13 @@ def retrieval_ranks(queries, gallery, targets=None, *, backend=None):
     if targets is None:
         targets = torch.arange(queries.shape[0], device=queries.device)
     targets = targets.long().contiguous()
-    if not _use_triton(backend, queries, gallery, targets):
+    if queries.shape[1:] != gallery.shape[1:] or targets.shape != queries.shape[:1]:
+        raise ValueError(f"retrieval_ranks needs queries (N, D), gallery (M, D) and targets (N,), got "
+                         f"{tuple(queries.shape)}, {tuple(gallery.shape)} and {tuple(targets.shape)}")
+    if len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < gallery.shape[0]:
+        raise ValueError(f"retrieval_ranks: targets index a gallery of {gallery.shape[0]} items, got "
+                         f"{int(targets.min())}..{int(targets.max())}")
+    if not _use_triton(backend, queries, gallery, targets) or not len(targets):  # N = 0: nothing to launch
         return retrieval_ranks_torch(queries, gallery, targets)
     if queries.dtype != gallery.dtype:
         queries, gallery = queries.float(), gallery.float()
@@ -577,7 +575,7 @@ def recall_at_k(ranks, ks=(1, 5, 10)) -> dict:
     """R@K as a fraction (rank < K; the paper reports R@1 = 0.90), plus the median and mean 1-based rank."""
     ranks = ranks.float()
     out = {f"R@{k}": (ranks < k).float().mean().item() for k in ks}
-    out["median_rank"] = ranks.median().item() + 1
+    out["median_rank"] = ranks.median().item() + 1  # torch's median: the lower middle one of an even count
     out["mean_rank"] = ranks.mean().item() + 1
     return out
 

@@ -83,6 +83,18 @@ def test_frozen_weight_two_row_blocks(backend):
     torch.testing.assert_close(h.grad.double(), truth[2], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_vocabulary_splits_merge(splits, monkeypatch):
+    # a GPU splits the vocabulary over ~8 programs per SM; the interpreter picks at most 2, so the
+    # merge of 3 or 8 partial (max, sum, entropy) results, some over empty splits, is forced here
+    monkeypatch.setattr(K, "_vocab_splits", lambda hidden, V: splits)
+    hidden, weight, targets = make_lm(20, 32, 517, torch.float32, seed=6)
+    logp, ent = K.fused_logprob(hidden, weight, targets, with_entropy=True, backend="triton")
+    tl, te = torch_math(hidden.double(), weight.double(), targets)
+    torch.testing.assert_close(logp.double(), tl, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ent.double(), te, rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_extreme_logits(dtype):
     # hidden scaled so that logits reach ~1e4: the online log-sum-exp must not overflow
@@ -115,25 +127,43 @@ def test_full_vocabulary_forward():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_policy_loss_mask_and_advantages(backend):
+def test_masked_advantage_weighted_loss(backend):
+    # vlrm's actor loss: per-row upstream gradients -A_i / n reach the kernel's backward, and
+    # rows with A_i = 0 (masked) must get exactly zero gradient
     hidden, weight, targets = make_lm(53, 45, 517, torch.float32, seed=4)
     adv = torch.randn(53, device=DEV)
     mask = (torch.rand(53, device=DEV) > 0.3).float()
     mask[:5] = 0
     h = hidden.clone().requires_grad_()
-    loss, logp = K.policy_loss(h, weight, targets, adv, mask, backend=backend)
+    loss = -(mask * adv * K.fused_logprob(h, weight, targets, backend=backend)).sum() / mask.sum()
     loss.backward()
-    assert not logp.requires_grad and loss.dtype == torch.float32 and loss.dim() == 0
     hd = hidden.double().requires_grad_()
-    logp64 = torch_math(hd, weight.double(), targets)[0]
-    loss64 = -(mask.double() * adv.double() * logp64).sum() / mask.sum().double()
+    loss64 = -(mask.double() * adv.double() * torch_math(hd, weight.double(), targets)[0]).sum() / mask.sum()
     loss64.backward()
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.grad.double(), hd.grad, rtol=0, atol=1e-6)
     assert (h.grad[mask == 0] == 0).all() and (h.grad[mask == 1] != 0).any()
-    # an all-masked batch: loss 0 (the denominator is max(sum(mask), 1)), no NaN
-    loss0, _ = K.policy_loss(hidden, weight, targets, adv, torch.zeros(53, device=DEV), backend=backend)
-    assert loss0.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    hidden, weight, targets = make_lm(0, 16, 100, torch.float32)
+    h = hidden.clone().requires_grad_()
+    logp, ent = K.fused_logprob(h, weight, targets, with_entropy=True, backend=backend)
+    (logp.sum() + ent.sum()).backward()
+    assert logp.shape == ent.shape == (0,) and h.grad.shape == (0, 16)
+    ranks = K.retrieval_ranks(torch.zeros(0, 8, device=DEV), torch.randn(5, 8, device=DEV), backend=backend)
+    assert ranks.shape == (0,) and ranks.dtype == torch.int64
+
+
+def test_shape_errors():
+    x = torch.randn(4, 8, device=DEV)
+    with pytest.raises(ValueError, match="one shape"):
+        K.pair_similarity(x, x[:3])
+    with pytest.raises(ValueError, match="gallery of 4 items"):
+        K.retrieval_ranks(x, x, torch.tensor([0, 1, 2, 4], device=DEV))
+    with pytest.raises(ValueError, match="queries \\(N, D\\)"):
+        K.retrieval_ranks(x, x[:, :5])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -215,6 +245,20 @@ def test_retrieval_float_data_with_duplicated_matches(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_retrieval_copy_of_match_in_last_column(backend):
+    # a few queries against an odd-sized gallery: the CPU matmul rounds its edge columns another
+    # way, so a bit-identical copy of the match in the last row once outscored the match itself
+    g = torch.Generator().manual_seed(0)
+    queries, gallery = torch.randn(7, 768, generator=g), torch.randn(333, 768, generator=g)
+    gallery[-1] = gallery[0]
+    targets = torch.zeros(7, dtype=torch.int64)                    # every query's match is row 0
+    got = K.retrieval_ranks(queries.to(DEV), gallery.to(DEV), targets.to(DEV), backend=backend).cpu()
+    s64 = queries.double() @ torch.nn.functional.normalize(gallery.double(), dim=-1).t()
+    want = (s64[:, :-1] > s64[:, :1]).sum(1)                       # the copy ties: not counted
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_retrieval_default_targets_and_float_data(backend):
     # paired data (query i matches item i), float vectors: the best match is itself
     g = torch.Generator().manual_seed(8)
@@ -233,7 +277,7 @@ def test_recall_at_k():
     assert r["median_rank"] == 4 and r["mean_rank"] == pytest.approx(7.0)
 
 
-def test_backend_switch():
+def test_backend_switch(monkeypatch):
     x = torch.randn(3, 4, device=DEV)
     with pytest.raises(ValueError, match="auto.*torch.*triton"):
         K.set_backend("cuda")
@@ -248,3 +292,8 @@ def test_backend_switch():
         assert K._use_triton("triton", x) and not K._use_triton("torch", x)
     finally:
         K.set_backend(old)
+    if not x.is_cuda:  # a plain CPU run, without the interpreter: auto is PyTorch, triton an error
+        monkeypatch.setattr(K, "INTERPRET", False)
+        assert not K._use_triton("auto", x)
+        with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+            K._use_triton("triton", x)
