@@ -135,32 +135,41 @@ def load_dataset(args) -> Dataset:
             raise UsageError("--dataset coco needs --coco-json dataset_coco.json (Karpathy split) and --image-root DIR")
         try:
             entries = [e for e in json.loads(Path(args.coco_json).read_text())["images"] if e.get("split") == "test"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            entries = entries[:args.limit]
+            paths = [Path(args.image_root) / e.get("filepath", "") / e["filename"] for e in entries]
+            ids = [str(e.get("cocoid", e["filename"])) for e in entries]
+            refs = [[s["raw"] for s in e.get("sentences", [])] for e in entries]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"cannot read the Karpathy split file {args.coco_json!r} ({type(e).__name__}: {e}); "
                              f"pass dataset_coco.json from Karpathy's caption_datasets archive") from None
-        entries = entries[:args.limit]
         if not entries:
             raise UsageError(f"{args.coco_json!r} has no images with \"split\": \"test\"")
-        paths = [Path(args.image_root) / e.get("filepath", "") / e["filename"] for e in entries]
-        ids = [str(e.get("cocoid", e["filename"])) for e in entries]
-        refs = [[s["raw"] for s in e.get("sentences", [])] for e in entries]
         return load_files(ids, paths, refs, args.image_size, args.skip_bad_images)
     if not args.images or not Path(args.images).is_dir():
         raise UsageError(f"--dataset folder needs --images DIR, a folder of images (got {args.images!r})")
     root = Path(args.images)
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXT)[:args.limit]
+    # image order: relative paths sorted as strings (what `LC_ALL=C sort` gives), the order of in-order captions
+    paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXT),
+                   key=lambda p: p.relative_to(root).as_posix())[:args.limit]
     if not paths:
         raise UsageError(f"--images {args.images!r} holds no images ({', '.join(IMAGE_EXT)})")
     ids = [p.relative_to(root).as_posix() for p in paths]
     refs = None
     if args.references:
         table = read_json(args.references, "--references")
+        if not isinstance(table, dict):
+            raise UsageError(f"--references {args.references!r} must be a JSON object "
+                             f"{{relative path: caption or [captions]}}, not a {type(table).__name__}")
         refs = [table.get(i, table.get(Path(i).name)) for i in ids]
         missing = [i for i, r in zip(ids, refs) if r is None]
         if missing:
             raise UsageError(f"--references {args.references!r} has no entry for {missing[0]!r} "
                              f"({len(missing)} images lack one); key it by the path relative to --images")
-        refs = [[r] if isinstance(r, str) else list(r) for r in refs]
+        refs = [[r] if isinstance(r, str) else r for r in refs]
+        wrong = [i for i, r in zip(ids, refs) if not (isinstance(r, list) and r and all(isinstance(c, str) for c in r))]
+        if wrong:
+            raise UsageError(f"--references {args.references!r}: the entry for {wrong[0]!r} is not a caption or a "
+                             f"non-empty list of captions ({len(wrong)} such entries)")
     return load_files(ids, paths, refs, args.image_size, args.skip_bad_images)
 
 
@@ -194,7 +203,8 @@ def read_captions(path: str, data: Dataset, limited: bool) -> list[str]:
         table = dict(zip(every, table))
     if not isinstance(table, dict):
         raise UsageError(f"--captions {path!r} is neither a JSON list/dict nor a lines file")
-    by_name = dict(zip(data.files or [], data.ids))  # file names are accepted as ids too
+    names, ids = Counter(data.files or []), set(data.ids)  # a file name is accepted as an id if it names one image
+    by_name = {f: i for f, i in zip(data.files or [], data.ids) if names[f] == 1 and f not in ids}
     table = {by_name.get(str(k), str(k)): v for k, v in table.items()}
     missing = [i for i in data.ids if i not in table]
     if missing:
@@ -267,14 +277,21 @@ class ClipJudge:
                 images[i:i + batch])))).float() for i in range(0, len(images), batch)])  # (N, D)
 
     @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """(N, D), cut at context_length. Each distinct caption is encoded once, so copies of a caption get
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """-> (N, D) embeddings, cut at context_length, and (N,) text keys: equal keys = the same token ids.
+        Copies are found on the tokens, not the strings: the tokenizer lowercases and drops extra spaces, so
+        "A circle" and "a  circle" are one text to CLIP. Each distinct text is encoded once, so copies get
         bit-identical embeddings whatever batch they fall in: design choice 1 relies on exact ties."""
-        unique = list(dict.fromkeys(captions))
-        emb = torch.cat([self.model.encode_text(self.tokenizer(unique[i:i + self.batch]).to(self.device)).float()
+        tokens = torch.cat([self.tokenizer(captions[i:i + self.batch]) for i in range(0, len(captions), self.batch)])
+        unique, keys = torch.unique(tokens, dim=0, return_inverse=True)  # (U, L), (N,)
+        emb = torch.cat([self.model.encode_text(unique[i:i + self.batch].to(self.device)).float()
                          for i in range(0, len(unique), self.batch)])
-        index = {c: j for j, c in enumerate(unique)}
-        return emb[torch.tensor([index[c] for c in captions], device=emb.device)]
+        return emb[keys.to(emb.device)], keys.tolist()
+
+    def recall(self, captions: list[str]) -> dict:
+        """CLIP Recall of one caption per gallery image, in gallery order: see retrieval()."""
+        text_emb, text_keys = self.encode_text(captions)
+        return retrieval(text_emb, self.image_emb, text_keys)
 
     def truncated_share(self, captions) -> float | None:
         """Captions longer than CLIP's text window (tokens + start/end): their tails are invisible to it.
@@ -284,19 +301,20 @@ class ClipJudge:
         return float(np.mean([len(self.tokenizer.encode(c)) + 2 > self.model.context_length for c in captions]))
 
 
-def retrieval_ranks(text_emb: torch.Tensor, image_emb: torch.Tensor, captions: list[str]):
-    """(N, D) caption and image embeddings, item i of each belonging to item i of the other -> (N,) ranks
+def retrieval_ranks(text_emb: torch.Tensor, image_emb: torch.Tensor, text_keys: list):
+    """(N, D) caption and image embeddings, item i of each belonging to item i of the other, and (N,) text
+    keys (equal for captions the judge reads as one text: ClipJudge.encode_text's) -> (N,) ranks
     text-to-image and image-to-text, 0 = found first."""
     t2i = kernels.retrieval_ranks(text_emb, image_emb)
     i2t = kernels.retrieval_ranks(image_emb, text_emb)
-    copies = Counter(captions)
-    i2t = i2t + torch.tensor([copies[c] - 1 for c in captions], dtype=i2t.dtype, device=i2t.device)  # see 1.
+    copies = Counter(text_keys)
+    i2t = i2t + torch.tensor([copies[k] - 1 for k in text_keys], dtype=i2t.dtype, device=i2t.device)  # see 1.
     return t2i, i2t
 
 
-def retrieval(text_emb: torch.Tensor, image_emb: torch.Tensor, captions: list[str]) -> dict:
+def retrieval(text_emb: torch.Tensor, image_emb: torch.Tensor, text_keys: list) -> dict:
     """CLIP Recall both ways: R@1/5/10 as fractions, median and mean rank (1-based)."""
-    t2i, i2t = retrieval_ranks(text_emb, image_emb, captions)
+    t2i, i2t = retrieval_ranks(text_emb, image_emb, text_keys)
     return {**{f"t2i/{k}": v for k, v in kernels.recall_at_k(t2i).items()},
             **{f"i2t/{k}": v for k, v in kernels.recall_at_k(i2t).items()}}
 
@@ -617,6 +635,9 @@ def parse_args(argv=None):
     for flag in ("limit", "batch_size", "num_beams", "image_size", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             ap.error(f"--{flag.replace('_', '-')} must be a positive integer")
+    for flag in ("min_new_tokens", "no_repeat_ngram_size"):
+        if getattr(args, flag) < 0:
+            ap.error(f"--{flag.replace('_', '-')} must be 0 (off) or a positive integer")
     if args.sample and args.num_beams > 1:
         ap.error("--sample and --num-beams > 1 together would be beam sampling; pick one")
     args.policies = args.policies or []
@@ -624,6 +645,8 @@ def parse_args(argv=None):
     if len(set(names)) < len(names):
         ap.error(f"two policies are both called {max(names, key=names.count)!r}; name them with NAME=SPEC")
     args.max_new_tokens = args.max_new_tokens or (40 if args.dataset == "shapes" else 60)
+    if args.min_new_tokens > args.max_new_tokens:
+        ap.error(f"--min-new-tokens {args.min_new_tokens} exceeds --max-new-tokens {args.max_new_tokens}")
     args.batch_size = args.batch_size or (1024 if args.dataset == "shapes" else 32)
     return args
 
@@ -640,6 +663,10 @@ def evaluate(args) -> dict:
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and device.type != "cuda":
         raise UsageError("--device cuda, but torch sees no GPU; use --device cpu")
+    try:  # now, not after hours of captioning
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {args.out!r} cannot be made a folder ({e}); pick another path") from None
     data = load_dataset(args)
     policies = args.policies
     if not policies:  # the defaults: the captioner before RL, and the newest run
@@ -647,6 +674,9 @@ def evaluate(args) -> dict:
         policies = [Policy("base", spec=base)]
         run = latest_run(Path(args.runs))
         policies += [Policy(run.name, spec=str(run))] if run else []
+        if run and run.name == "base":
+            raise UsageError(f"the latest run {str(run)!r} is called 'base', the base captioner's name; "
+                             f"name both with --policy NAME=SPEC")
     policies = [resolve(p) if p.spec else p for p in policies]
     captions = {p.name: read_captions(p.captions_file, data, args.limit is not None)
                 for p in policies if p.captions_file}  # mismatches surface before any model loads
@@ -668,7 +698,7 @@ def evaluate(args) -> dict:
             del model
             lap(f"{p.name}: captioning")
         caps = captions[p.name]
-        m = retrieval(judge.encode_text(caps), judge.image_emb, caps)
+        m = judge.recall(caps)
         m.update(caption_stats(caps), clip_truncated=judge.truncated_share(caps))
         if data.references:
             m.update(bleu4=bleu4(caps, data.references), cider_d=cider_d(caps, data.references))
@@ -692,8 +722,7 @@ def write_outputs(args, results, data, captions, runs) -> None:
     print(f"{'metric':<28}" + "".join(f"{n:>{width}}" for n in names))
     for label, vals in table:
         print(f"{label:<28}" + "".join(f"{v:>{width}}" for v in vals))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # made by evaluate() before any captioning
     for n in names:  # the format --captions reads back
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", n)
         (out / f"captions_{safe}.json").write_text(json.dumps(dict(zip(data.ids, captions[n])), indent=1))

@@ -70,6 +70,16 @@ def test_identical_captions_cannot_win_image_to_text():
     assert r["t2i/R@1"] == 1.0 and r["i2t/R@1"] == 1.0 and r["t2i/mean_rank"] == 1.0
 
 
+def test_copies_are_found_on_the_judges_tokens(world):
+    # CLIP's tokenizer lowercases and drops extra spaces: these four are one text to the judge, so the
+    # image-to-text guard must treat them as copies, not as four different captions
+    judge = ev.ClipJudge(str(world.path("judge_clip")), np.array(world.images("test")[:4]), "cpu")
+    captions = ["a circle", "A circle", "a  circle", "A  Circle"]
+    emb, keys = judge.encode_text(captions)
+    assert len(set(keys)) == 1 and (emb == emb[0]).all()
+    assert judge.recall(captions)["i2t/R@1"] == 0.0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parser and attribute metrics
 SCENE = Scene((Obj("circle", "red", "large", 0), Obj("square", "blue", "small", 4), Obj("cross", "green", "small", 8)),
@@ -203,6 +213,10 @@ def test_captions_file_must_match_the_images(tmp_path):
     skipped = ev.Dataset(["x.png", "z.png"], np.zeros((2, 4, 4, 3), np.uint8), all_ids=["x.png", "y.png", "z.png"])
     lines.write_text("for x\nfor y\nfor z\n")
     assert ev.read_captions(str(lines), skipped, limited=False) == ["for x", "for z"]
+    # two images with one file name: their relative paths key them, the shared name keys neither
+    nested = ev.Dataset(["b.png", "sub/b.png"], np.zeros((2, 4, 4, 3), np.uint8), files=["b.png", "b.png"])
+    table.write_text(json.dumps({"sub/b.png": "second", "b.png": "first"}))
+    assert ev.read_captions(str(table), nested, limited=False) == ["first", "second"]
 
 
 def make_folder(tmp_path):
@@ -241,11 +255,26 @@ def test_bad_images_stop_the_cli_with_exit_code_2(tmp_path, world):
 
 def test_usage_errors_exit_2(tmp_path, capsys):
     """main() turns every usage error into a message and exit code 2 (an escaping exception fails here)."""
+    a_file, no_filename, a_list, empty_refs = (tmp_path / n for n in ("file", "coco.json", "list.json", "refs.json"))
+    a_file.write_text("")
+    no_filename.write_text(json.dumps({"images": [{"split": "test", "cocoid": 1}]}))
+    a_list.write_text(json.dumps(["a circle"]))
+    folder = make_folder(tmp_path)
+    empty_refs.write_text(json.dumps({"a.png": [], "b.png": "a blue square", "broken.png": "noise"}))
     for argv, message in ((["--dataset", "coco", "--coco-json", str(tmp_path / "nope.json"), "--image-root", "."],
                            "nope.json"),
                           (["--trainable-state", "x.pt"], "must follow the --policy"),
                           (["--policy", "a=x", "--policy", "a=y"], "both called 'a'"),
-                          (["--dataset", "folder", "--images", str(tmp_path / "none")], "--images DIR")):
+                          (["--dataset", "folder", "--images", str(tmp_path / "none")], "--images DIR"),
+                          (["--min-new-tokens", "-1"], "--min-new-tokens must be 0"),
+                          (["--no-repeat-ngram-size", "-2"], "--no-repeat-ngram-size must be 0"),
+                          (["--min-new-tokens", "50", "--max-new-tokens", "5"], "exceeds --max-new-tokens 5"),
+                          (["--out", str(a_file)], "cannot be made a folder"),
+                          (["--dataset", "coco", "--coco-json", str(no_filename), "--image-root", "."], "KeyError"),
+                          (["--dataset", "folder", "--images", str(folder), "--references", str(a_list)],
+                           "must be a JSON object"),
+                          (["--dataset", "folder", "--images", str(folder), "--references", str(empty_refs)],
+                           "not a caption or a non-empty list")):
         with pytest.raises(SystemExit) as exit_info:
             ev.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

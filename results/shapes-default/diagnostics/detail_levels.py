@@ -63,7 +63,7 @@ reward_fn = vlrm_rs_reward(world, policy, processor.tokenizer)
 print(f"{'caption':38s} {'judge R@1':>9s} {'reward-CLIP R@1':>15s} {'vlrm-rs reward':>14s}")
 for name, caption in LEVELS.items():
     captions = [caption(s) for s in scenes]
-    r1 = [ev.retrieval(m.encode_text(captions), m.image_emb, captions)["t2i/R@1"] for m in (judge, reward_clip)]
+    r1 = [m.recall(captions)["t2i/R@1"] for m in (judge, reward_clip)]
     few, pixels = captions[:300], torch.from_numpy(images[:300])
     reward = reward_fn(pixels, few).mean()
     print(f"{name:38s} {r1[0]:9.3f} {r1[1]:15.3f} {reward:14.2f}")

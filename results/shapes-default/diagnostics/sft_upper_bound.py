@@ -36,7 +36,7 @@ for step in range(steps):
 test, test_images = world.scenes["test"], np.array(world.images("test"))
 captions = vlrm.greedy_captions(policy.eval(), tokenizer, to_pixels(torch.from_numpy(test_images)), 60)
 judge = ev.ClipJudge(str(world.path("judge_clip")), test_images, "cpu")
-r = ev.retrieval(judge.encode_text(captions), judge.image_emb, captions)
+r = judge.recall(captions)
 print(f"{steps} steps at lr {lr}: judge R@1 {r['t2i/R@1']:.3f}, words {np.mean([len(c.split()) for c in captions]):.1f}, "
       f"hallucination {ev.attribute_metrics(captions, test)['attr/all/hallucination']:.3f}")
 print("e.g.", " | ".join(captions[:3]))
