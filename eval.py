@@ -18,7 +18,8 @@ Decoding: greedy by default (the authors' model card); the paper's table quotes
 Captions files (--captions [NAME=]FILE, also what captions_<name>.json in --out holds):
     JSON {image_id: caption}, JSON [caption, ...] in image order, COCO results [{"image_id":.., "caption":..}],
     or a text file with one caption per line in image order. Image ids: the test index ("0", "1", ...) on the
-    miniature world, the Karpathy "cocoid" (or the file name) on COCO, the path relative to --images for a folder.
+    miniature world, the Karpathy "cocoid" (or the file name) on COCO, the path relative to --images for a folder
+    (whose image order is that of those paths as strings, what `LC_ALL=C sort` gives).
 
 Output: the table on stdout, timings per stage on stderr; in --out (default eval_out/): results.json
 (every number), captions_<name>.json, and report.html (table, training curves, test images with captions;
