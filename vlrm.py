@@ -29,7 +29,7 @@ Design choices (what the paper leaves open, and what we chose):
     the ViT and the OPT language model stay frozen. The value head is an MLP on the frozen LM's last
     hidden state at each caption position (detached): the LM already summarises image and text so far.
  5. Log-probs come from the fused kernel in kernels.py on caption positions only: the (tokens, vocab)
-    logits are never materialised (50,272 x 3,840 x 4 B = 0.8 GB per step for OPT-2.7B at batch 64).
+    logits are never materialised (50,272 x 3,840 x 4 B = 0.8 GB for OPT-2.7B at 64 captions of 60 tokens).
  6. Advantages are divided by their batch standard deviation, so one learning rate serves rewards of any
     scale; the value head (its own optimiser) is warmed up before the first actor update.
  7. The paper's loss has no entropy term, and the paper preset keeps it so. On the miniature world the
@@ -84,7 +84,8 @@ class UsageError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config: one dataclass, every field documented; presets fill the fields left at None.
+# Config: one dataclass, every field documented. Fields left at None are filled by PRESETS, REWARDS (the
+# w_* weights) and, in the shapes preset, by the world's model folders at the start of train().
 def arg(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -99,7 +100,8 @@ class Config:
     clip: str = arg(None, "CLIP reward: open_clip 'MODEL/TAG' (e.g. ViT-L-14/openai), 'local-dir:PATH' or a folder")
     itm: str = arg(None, "BLIP2-ITM reward: hub id or folder (Blip2ForImageTextRetrieval)")
     ref_lm: str = arg(None, "reference LM: hub id, folder, or 'policy' to reuse the policy's frozen OPT")
-    judge_clip: str = arg(None, "CLIP for validation R@1, never trained against (default: the world's judge)")
+    judge_clip: str = arg(None, "CLIP for validation R@1, never trained against (default: the world's judge; "
+                                "--images runs have no held-out set and no validation: use eval.py)")
     images: str = arg(None, "training images (paper preset): a folder, or a text file with one path per line "
                             "(relative to the file's folder)")
     # reward
@@ -132,7 +134,7 @@ class Config:
     run_dir: str = arg(None, "output folder (default runs/<preset>-<reward>-seed<seed>)")
     resume: bool = arg(False, "continue the run in --run-dir from its checkpoint")
     log_every: int = arg(10, "iterations between metrics.jsonl lines")
-    val_every: int = arg(500, "iterations between validations (judge R@1 and sample captions)")
+    val_every: int = arg(500, "iterations between validations (judge R@1 and sample captions; shapes preset)")
     val_size: int = arg(200, "validation images")
     save_every: int = arg(500, "iterations between checkpoints")
     num_workers: int = arg(None, "DataLoader workers decoding images")
@@ -147,7 +149,8 @@ PRESETS = {
 }
 # Reward variants. vlrm-rs leans on CLIP (the retrieval-specialised model of the paper); vlrm on ITM.
 # Cosine similarities move by ~0.1 between a poor and a good caption, ITM logits by ~5: hence the scales.
-# (The miniature world's v6 ITM moves less: 0.25 for true rich captions, -0.64 for false ones; not retuned.)
+# (The miniature world's ITM separates true from false captions less sharply (ROC AUC 0.81, world_report.json)
+# and its logit hardly moves in a run (0.18 -> 0.17 in the default one): CLIP leads there. Not retuned.)
 REWARDS = {
     "vlrm": dict(w_clip=0.0, w_itm=1.0, w_ref=0.3, w_bad=2.0, w_repeat=1.0),
     "vlrm-rs": dict(w_clip=20.0, w_itm=0.3, w_ref=0.3, w_bad=2.0, w_repeat=1.0),
@@ -226,6 +229,7 @@ def _load(cls, spec: str, **kwargs):
             f"  then pass that folder. ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+# Not used by training (it loads by hub id or path): bench_paper.py and the tests build OPT-2.7B BLIP-2 from it.
 def blip2_opt_2_7b_config() -> Blip2Config:
     """The architecture of Salesforce/blip2-opt-2.7b, written out so that it can be built without a download
     (on the meta device to count parameters, or with random weights to benchmark a GPU): an EVA ViT-g
@@ -399,7 +403,9 @@ class ValueHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rewards: each a plain function (images uint8 (B, H, W, 3), captions list[str]) -> (B,) tensor.
+# Rewards: each *_reward(spec, ...) loads its model once and returns a plain function
+# reward(images uint8 (B, S, S, 3), captions list[str]) -> (B,) tensor. Then the per-token penalties,
+# the returns, and the losses of steps 2 and 3.
 def clip_reward(spec: str, device):
     """Cosine similarity of CLIP's image and text embeddings."""
     model, tokenizer, _ = load_clip(spec, device)
@@ -490,7 +496,7 @@ def a2c_losses(hidden, value_head, tokens, mask, returns, lm_head, ent_coef: flo
     Every mean runs over the valid tokens of *all* ranks, so the losses of the ranks add up, and their
     summed gradients, to those of the combined batch."""
     valid = mask.bool()
-    n = all_sum(mask.sum()).clamp(min=1)  # valid tokens in the global batch
+    n = all_sum(mask.sum()).clamp(min=1)  # valid tokens in the global batch (all_sum: over torchrun ranks, below)
     values = value_head(hidden.detach())  # (B, T): the critic does not shape the actor's features
     # critic: regress V(s_k) onto the return R(t_k)
     value_loss = ((values - returns) ** 2 * mask).sum() / n
@@ -498,10 +504,12 @@ def a2c_losses(hidden, value_head, tokens, mask, returns, lm_head, ent_coef: flo
     advantages = (returns - values.detach()) * mask
     mean = all_sum(advantages.sum()) / n
     std = torch.sqrt(all_sum(((advantages - mean) ** 2 * mask).sum()) / n + 1e-8)
-    advantages = advantages / std  # (design choice 6)
+    advantages = advantages / std  # scaled, not centred: V is the baseline already (design choice 6)
     logp, entropy = kernels.fused_logprob(hidden[valid], lm_head, tokens[valid], with_entropy=True)  # (N,) each
     policy_loss = -(advantages[valid] * logp).sum() / n  # raise log pi(t_k) where A_k > 0
     entropy_mean = entropy.sum() / n
+    # "value": the critic's loss, "values": its V(s_k) (B, T); "policy": -A log pi alone (logged),
+    # "actor": what step 3 backpropagates, policy - ent_coef * entropy
     return {"value": value_loss, "policy": policy_loss, "actor": policy_loss - ent_coef * entropy_mean,
             "entropy": entropy_mean.detach(), "values": values.detach(), "logp": logp.detach()}
 
@@ -591,7 +599,9 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun): data parallel with the gradients averaged exactly as DDP would.
+# Distributed helpers (torchrun): data parallel by hand. Losses are divided by the *global* count of valid
+# tokens and gradients summed over ranks: exactly the combined batch's gradient (DDP averages per-rank
+# gradients, which matches it only when every rank holds as many valid tokens).
 def dist_info():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
@@ -612,7 +622,7 @@ def any_rank(flag: bool) -> bool:
 
 def sync_gradients(params) -> None:
     """Sum gradients over ranks in one flat buffer. Losses are normalised by *global* counts, so the sum
-    is the gradient of the combined batch: what DDP computes, without its bucketing and overlap."""
+    is the gradient of the combined batch (without DDP's bucketing and overlap)."""
     if not dist.is_initialized():
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -719,7 +729,6 @@ def train(cfg: Config) -> Path:
                          f"or --run-dir to start a new run")
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(dataclasses.asdict(cfg), indent=1))
 
     # the models: the world's unless given; the judge only ever validates
     world = None
@@ -733,6 +742,8 @@ def train(cfg: Config) -> Path:
                        ("judge_clip", "judge_clip")):
         if getattr(cfg, key) is None and world is not None:
             setattr(cfg, key, world.path(model))
+    if main_rank:  # the resolved config, every field filled; it is saved with every checkpoint
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
     policy, processor = load_policy(cfg.policy, dtype=dtype, device=device)
     base = frozen_base(policy) if cfg.kl_coef else None  # before a checkpoint's weights are loaded
@@ -751,6 +762,7 @@ def train(cfg: Config) -> Path:
         rewards["ref"] = ref_lm_reward(cfg.ref_lm, policy, tokenizer, device, dtype)
     bad_regex = re.compile(cfg.bad_phrases)
 
+    # caption states come out of OPT's project_out: word_embed_proj_dim wide (= hidden_size in OPT-2.7B)
     value_head = ValueHead(policy.config.text_config.word_embed_proj_dim).to(device)
     actor_opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(value_head.parameters(), lr=cfg.value_lr, weight_decay=0.0)
@@ -786,7 +798,7 @@ def train(cfg: Config) -> Path:
         dataset, batch_sampler=StepSampler(len(dataset), cfg.batch_size, start, cfg.steps, cfg.seed, rank, world_size),
         num_workers=cfg.num_workers, collate_fn=collate, generator=torch.Generator())  # keeps global RNG untouched
     if main_rank and val_images is not None:
-        judge, judge_tokenizer, _ = load_clip(cfg.judge_clip or cfg.clip, device)
+        judge, judge_tokenizer, _ = load_clip(cfg.judge_clip, device)
         judge_pixels = clip_normalizer(judge, device)
     # everything is loaded: from here on the RNG drives only sampling, so a resumed run matches an unbroken one
     if ckpt is not None:
@@ -830,10 +842,10 @@ def train(cfg: Config) -> Path:
     lm_head = policy.language_model.get_output_embeddings().weight  # (V, H), frozen
     bar = tqdm(total=cfg.steps, initial=start, disable=not main_rank, desc="vlrm", dynamic_ncols=True)
     t_last, step, steps_since_log = time.time(), start, 0
-    for images, n_bad in loader:
-        skipped_images += n_bad
+    for images, n_unreadable in loader:
+        skipped_images += n_unreadable
         if any_rank(images is None):  # every file of a batch unreadable: skip the step on all ranks
-            tqdm.write(f"[warn] step {step}: no readable image in the batch ({n_bad} files); step skipped")
+            tqdm.write(f"[warn] step {step}: no readable image in the batch ({n_unreadable} files); step skipped")
             step += 1
             if end_of_step(step):
                 break
@@ -842,7 +854,8 @@ def train(cfg: Config) -> Path:
             image_embeds = policy.vision_model(to_pixels(images).to(dtype)).last_hidden_state  # frozen ViT, once
 
         # step 1: rollout and per-token returns ------------------------------------------------------
-        prefix = soft_prefix(policy, image_embeds)  # (B, Q, H), once: sampled after detached, then trained
+        prefix = soft_prefix(policy, image_embeds)  # (B, Q, H) with grad: rollout reads it detached, the update
+                                                    # backpropagates through this same tensor
         tokens, mask = rollout(policy, prefix, cfg.max_new_tokens)  # (B, T), (B, T)
         captions = [c.strip() for c in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         parts = {name: fn(images, captions).float().cpu() for name, fn in rewards.items()}  # each (B,)
@@ -851,8 +864,8 @@ def train(cfg: Config) -> Path:
         hidden = caption_states(policy, prefix, tokens)  # (B, T, H), grad into the Q-Former
         penalty = cfg.w_bad * bad + cfg.w_repeat * repeat  # (B, T)
         if base is not None:
-            divergence = log_ratio_to_base(base, image_embeds, hidden, tokens, mask, lm_head).cpu()  # (B, T)
-            penalty = penalty + cfg.kl_coef * divergence
+            log_ratio = log_ratio_to_base(base, image_embeds, hidden, tokens, mask, lm_head).cpu()  # (B, T)
+            penalty = penalty + cfg.kl_coef * log_ratio
         returns = returns_to_go(sequence_reward, penalty, mask.cpu()).to(device)
         losses = a2c_losses(hidden, value_head, tokens, mask, returns, lm_head, cfg.ent_coef)
         if any_rank(not (torch.isfinite(returns).all() and torch.isfinite(losses["value"])
@@ -888,10 +901,10 @@ def train(cfg: Config) -> Path:
         bar.set_postfix(reward=f"{sequence_reward.mean():.3f}", words=f"{words:.1f}")
         steps_since_log += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = {"step": step, "reward/total": float(sequence_reward.mean()),
+            metrics = {"step": step, "reward/total": float(sequence_reward.mean()),  # weighted rewards, no penalties
                        **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
                        "penalty/bad": float(bad.sum(1).mean()), "penalty/repeat": float(repeat.sum(1).mean()),
-                       **({"penalty/kl": float(divergence.sum(1).mean())} if base is not None else {}),
+                       **({"penalty/kl": float(log_ratio.sum(1).mean())} if base is not None else {}),
                        "losses/value": all_sum(losses["value"].detach()).item(),
                        "losses/policy": all_sum(losses["policy"].detach()).item(),
                        "charts/entropy": all_sum(losses["entropy"]).item(), "charts/caption_len": words,
