@@ -15,7 +15,7 @@ same code, the same model classes and the same file formats reproduce the paper'
 
 Run:
     python shapes.py                  # build (or load) the default world and print its quality report
-    python shapes.py --preset test    # the tiny world the tests use (seconds)
+    python shapes.py --preset test    # the tiny world the tests use (about a minute)
     python shapes.py --rebuild        # throw the cache away and build again
 
 Design choices (the world's models stand in for large pretrained ones, so training tricks are fair):
@@ -49,8 +49,11 @@ Design choices (the world's models stand in for large pretrained ones, so traini
     colour and the prefix can say which one precisely: 89-97% right for every colour. Greedy captions
     stay at 2.0 words. RL still trains only the Q-Former, and the reference LM is the OPT before
     this fine-tuning.
- 4. The build is deterministic for a seed and atomic (temp dir, then rename). A manifest records the
-    settings, library versions and a SHA-256 per file; a stale or corrupt cache is rebuilt.
+ 4. The build is deterministic for a seed, on one thread count and set of library versions (float
+    sums change with either), and atomic (temp dir, then rename). A manifest records the settings, the
+    versions and threads, and a SHA-256 per file; a cache built with other settings or WORLD_VERSION,
+    or corrupt, is rebuilt. Versions and threads are recorded, not checked, and a change to this
+    file's code must bump WORLD_VERSION to reach a cached world.
  5. The captioner learns like BLIP-2, which saw detailed captions in pretraining and short ones after:
     its first 500 of 750 steps are on true captions at a random level of detail (detailed_caption), the
     rest on shallow captions: 45% "a circle", 25% "a red circle", other short forms, and a thin tail
@@ -305,7 +308,7 @@ def shallow_caption(scene: Scene, rng: random.Random) -> str:
         return describe(scene, 1, size=False, colour=False, background=False)  # "a circle on the left"
     if u < 0.95:
         return describe(scene, 2, size=False, colour=False, position=False, background=False)  # "a circle with a cross"
-    return partial_caption(scene, rng)  # the tail: "a small red circle at top on a grey background with a cross"
+    return partial_caption(scene, rng)  # the tail: "a large red circle at top on a grey background with a small cross"
 
 
 def detail_options(scene: Scene, rng: random.Random, every_object: float = 0.0) -> dict:
@@ -441,6 +444,8 @@ class World:
 
     def path(self, model: str) -> str:
         """Directory of one of MODEL_DIRS. CLIPs load as open_clip 'local-dir:<path>'."""
+        if model not in MODEL_DIRS:
+            raise ValueError(f"the world has no model {model!r}; it has {', '.join(MODEL_DIRS)}")
         return str(self.root / model)
 
     def images(self, split: str) -> np.ndarray:
@@ -491,17 +496,24 @@ def load_world(preset: str = "default", root: str | Path | None = None, rebuild:
     base.mkdir(parents=True, exist_ok=True)
     target = base / f"{cfg.name}-seed{cfg.seed}"
     with open(base / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the world is ready: only the holder ever builds
         problem = "rebuild requested" if rebuild else _manifest_problem(target, cfg) if target.exists() else None
         if problem is not None or not target.exists():
             if problem and not quiet:
                 print(f"[shapes] world at {target} is not usable ({problem}); rebuilding.", file=sys.stderr)
-            tmp = base / f".{target.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            build_world(cfg, tmp, quiet=quiet)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)  # atomic: a killed build leaves only a .tmp folder, never a half world
-    return World(target)
+            for left in base.glob(f".{target.name}.tmp-*"):  # of builds that were killed
+                shutil.rmtree(left)
+            tmp, trash = base / f".{target.name}.tmp-{os.getpid()}", base / f".{target.name}.tmp-old"
+            try:
+                build_world(cfg, tmp, quiet=quiet)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if target.exists():
+                os.replace(target, trash)
+            os.replace(tmp, target)  # atomic: a killed build leaves only .tmp folders, never a half world
+            shutil.rmtree(trash, ignore_errors=True)  # what is left is removed by the next build
+        return World(target)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -567,7 +579,7 @@ def content_ids(caption: str, tok, n: int) -> list[int]:
     if "background" in tokens:  # the background first, wherever the caption names it
         j = tokens.index("background")
         tokens = [tokens[j - 1]] + tokens[:j - 1] + tokens[j + 1:]
-    words = [w.strip(",") for w in tokens if w.strip(",") not in stop]
+    words = [w for w in tokens if w not in stop]
     ids = tok(" " + " ".join(words), add_special_tokens=False)["input_ids"][:n]
     return ids + [tok.pad_token_id] * (n - len(ids))
 
@@ -846,6 +858,7 @@ def build_world(cfg: WorldConfig, out: Path, quiet: bool = False) -> None:
         lap("captioner")
         itm = train_itm(cfg, tok, vision, feats, train, bar)
         itm.save_pretrained(out / "itm")
+        tok.backend_tokenizer.no_padding()  # training's padding=True stuck to it; the saved file must not pad
         Blip2Processor(image_processor, tok).save_pretrained(out / "itm")
         lap("itm")
         judge, model_cfg = train_clip(cfg, cfg.judge_width, cfg.seed + 6, cfg.judge_steps, images, train, bar, stage="judge")
@@ -855,7 +868,8 @@ def build_world(cfg: WorldConfig, out: Path, quiet: bool = False) -> None:
     files = {str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
     manifest = {"world_version": WORLD_VERSION, "config": dataclasses.asdict(cfg), "build_seconds": build_seconds,
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                             "open_clip": open_clip.__version__, "python": sys.version.split()[0]},
+                             "open_clip": open_clip.__version__, "python": sys.version.split()[0],
+                             "threads": torch.get_num_threads()},
                 "files": files}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     report = quality_report(World(out))

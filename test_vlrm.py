@@ -209,6 +209,30 @@ def test_world_manifest_detects_stale_and_corrupt_caches(world, tmp_path):
     assert "no readable manifest" in shapes._manifest_problem(copy, world.config)
 
 
+def test_world_builds_leave_no_temp_folders(tmp_path, monkeypatch):
+    """A killed build's temp folder is removed by the next build; a failed build removes its own; a
+    rebuild replaces the world whole. (build_world is stubbed: only the cache's bookkeeping is tested.)"""
+    def build(cfg, out, quiet=False):
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps({"world_version": shapes.WORLD_VERSION,
+                                                       "config": dataclasses.asdict(cfg), "files": {}}))
+        (out / "scenes.json").write_text("{}")
+        if fail:
+            raise RuntimeError("build failed")
+    monkeypatch.setattr(shapes, "build_world", build)
+    (tmp_path / ".test-seed0.tmp-99999").mkdir()  # a build killed earlier
+    fail = True
+    with pytest.raises(RuntimeError):
+        shapes.load_world("test", root=tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+    fail = False
+    assert shapes.load_world("test", root=tmp_path).root == tmp_path / "test-seed0"
+    (tmp_path / "test-seed0" / "old-file").write_text("from the first build")
+    shapes.load_world("test", root=tmp_path, rebuild=True)
+    assert not (tmp_path / "test-seed0" / "old-file").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".test-seed0.lock", "test-seed0"]
+
+
 def test_world_report_shows_the_gap(world):
     """Relaxed form of the default world's targets: the tiny world is trained for seconds only."""
     r = world.report()
