@@ -403,6 +403,8 @@ def test_bf16_policy_keeps_fp32_trainable_weights(world):
     assert model.language_model.dtype == torch.bfloat16
     embeds = model.vision_model(torch.zeros(2, 3, 48, 48, dtype=torch.bfloat16)).last_hidden_state
     assert vlrm.soft_prefix(model, embeds).dtype == torch.bfloat16  # the frozen LM's dtype
+    pixels = torch.zeros(2, 3, 48, 48, dtype=torch.bfloat16)
+    assert model.generate(pixel_values=pixels, max_new_tokens=3).shape[0] == 2  # eval.py --bf16 captions so
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -544,6 +546,20 @@ def test_unreachable_clip_names_itself():
         vlrm.load_clip("ViT-L-14/openai")
     with pytest.raises(vlrm.UsageError, match="names no weights.*openai"):  # not random weights, silently
         vlrm.load_clip("ViT-B-32")
+
+
+def test_openai_clip_weights_get_quick_gelu(monkeypatch):
+    """OpenAI's CLIPs were trained with QuickGELU; open_clip 3 would build ViT-L-14 with GELU and only warn."""
+    seen = {}
+
+    def create(name, pretrained=None, **kwargs):
+        seen[name] = kwargs.get("force_quick_gelu")
+        raise RuntimeError("no download here")
+    monkeypatch.setattr(vlrm.open_clip, "create_model_and_transforms", create)
+    for spec in ("ViT-L-14/openai", "ViT-B-32/laion2b_s34b_b79k", "local-dir:/nowhere"):
+        with pytest.raises(vlrm.UsageError):
+            vlrm.load_clip(spec)
+    assert seen == {"ViT-L-14": True, "ViT-B-32": False, "local-dir:/nowhere": False}
 
 
 def test_image_list_paths_start_from_the_list_file(tmp_path):

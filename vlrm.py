@@ -225,7 +225,7 @@ def _load(cls, spec: str, **kwargs):
         raise UsageError(
             f"cannot load {cls.__name__} from {spec!r}{' (HF_HUB_OFFLINE=1)' if offline else ''}.\n"
             f"  Pass a local folder instead, e.g. one written by save_pretrained, or fetch it where there is a "
-            f"network:\n    huggingface-cli download {spec} --local-dir ./models/{spec.split('/')[-1]}\n"
+            f"network:\n    hf download {spec} --local-dir ./models/{spec.split('/')[-1]}\n"
             f"  then pass that folder. ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
@@ -233,7 +233,8 @@ def _load(cls, spec: str, **kwargs):
 def blip2_opt_2_7b_config() -> Blip2Config:
     """The architecture of Salesforce/blip2-opt-2.7b, written out so that it can be built without a download
     (on the meta device to count parameters, or with random weights to benchmark a GPU): an EVA ViT-g
-    (the library defaults), a 12-layer Q-Former with 32 queries, OPT-2.7B."""
+    (the library defaults), a 12-layer Q-Former with 32 queries, OPT-2.7B. The hub's config also has an
+    image token (50265) and ends captions at a newline (eos 50118); neither changes a size or a speed."""
     opt = OPTConfig(vocab_size=50272, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
                     max_position_embeddings=2048, word_embed_proj_dim=2560, pad_token_id=1, bos_token_id=2,
                     eos_token_id=2)
@@ -256,6 +257,10 @@ def load_policy(spec: str, trainable_state: str | None = None, dtype=torch.float
             raise UsageError(f"{trainable_state!r} has keys that are not in the policy, e.g. {unexpected[:3]}")
     for p in trainable_parameters(policy).values():  # fp32 master weights, whatever the frozen parts' dtype
         p.data = p.data.float()
+    if dtype != torch.float32:  # generate() hands the fp32 projection the ViT's dtype, and its output to the LM
+        lm_dtype = policy.language_model.dtype
+        policy.language_projection.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype),))
+        policy.language_projection.register_forward_hook(lambda m, args, out: out.to(lm_dtype))
     return policy.to(device).eval(), processor
 
 
@@ -268,8 +273,11 @@ def load_clip(spec: str, device="cpu"):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
         raise UsageError(f"CLIP {spec!r} names no weights: give 'MODEL/TAG' (tags of {name}: {tags}), "
                          f"'local-dir:PATH' or a folder")
+    # open_clip 3 only warns when weights trained with QuickGELU (OpenAI's) are put in a GELU model: ask for it
+    quick_gelu = bool(tag) and bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag or None)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag or None,
+                                                                     force_quick_gelu=quick_gelu)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:  # open_clip raises RuntimeError/FileNotFoundError/ValueError/hub errors
         raise UsageError(f"cannot load CLIP {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}\n"
@@ -706,7 +714,8 @@ def clip_recall(clip_model, clip_tokenizer, to_pixels, images, captions) -> dict
 # The training loop
 def train(cfg: Config) -> Path:
     rank, world_size, local_rank = dist_info()
-    if world_size > 1 and not dist.is_initialized():
+    own_group = world_size > 1 and not dist.is_initialized()  # torchrun: ours to open, and to close
+    if own_group:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     device = torch.device(f"cuda:{local_rank}" if cfg.device in ("auto", "cuda") and torch.cuda.is_available()
                           else "cpu")
@@ -831,7 +840,7 @@ def train(cfg: Config) -> Path:
             if dist.is_initialized():
                 states = [None] * world_size
                 dist.all_gather_object(states, rng_state())
-                check_ranks_agree(params.values())
+                check_ranks_agree([*params.values(), *value_head.parameters()])
             if main_rank:
                 save_checkpoint(run_dir, policy, processor, value_head, actor_opt, critic_opt, step, cfg, states,
                                 skipped_images)
@@ -929,6 +938,8 @@ def train(cfg: Config) -> Path:
         signal.signal(sig, handler)
     if dist.is_initialized():
         dist.barrier()
+    if own_group:
+        dist.destroy_process_group()
     return run_dir
 
 

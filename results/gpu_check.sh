@@ -2,8 +2,8 @@
 # Every GPU-side check of the project, in two parts that each fit one 10-minute device call.
 #   bash results/gpu_check.sh kernels OUTDIR   # kernel tests on CUDA (compiled Triton) + kernels.py --bench
 #   bash results/gpu_check.sh paper OUTDIR     # the paper preset at real size, random weights, batch 16 and 32
-# Figures and logs land in OUTDIR; results/<card>/ keeps them. Needs torch, triton, transformers and
-# open_clip_torch (README, "Kernels", says how to add open_clip where it is missing).
+# Figures and logs land in OUTDIR; results/<card>/ keeps them. Needs torch, triton, transformers,
+# open_clip_torch and pytest (README, "Kernels", says how to add open_clip where it is missing).
 set -u
 part=${1:?usage: gpu_check.sh kernels|paper OUTDIR}
 out=${2:?usage: gpu_check.sh kernels|paper OUTDIR}
@@ -21,6 +21,7 @@ if [ "$part" = kernels ]; then
   echo "bench exit $?" >> "$out/kernels_bench.log"
 elif [ "$part" = paper ]; then
   models=$(mktemp -d)
+  trap 'rm -rf "$models"' EXIT  # ~35 GB of models and checkpoints: a rerun on the same disk must fit
   timeout 150 $py bench_paper.py --out "$models" > "$out/paper.log" 2>&1 || { echo "bench_paper failed" >> "$out/paper.log"; exit 1; }
   # 16 steps: 4 of critic warm-up, then full iterations; metrics every 4 steps give steps/s and peak memory
   for b in 16 32; do
