@@ -288,6 +288,23 @@ def policy(world):
     return model, processor
 
 
+def sampled_batch(world, model, n, max_new_tokens):
+    """Pure samples for the first n test images, seed 1: soft prefix (B, Q, H), tokens and mask (B, T)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        prefix = vlrm.soft_prefix(model, model.vision_model(shapes.pixel_values(world.images("test")[:n])).last_hidden_state)
+        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=max_new_tokens)
+    return prefix, tokens, mask
+
+
+def zero_value_head(model) -> vlrm.ValueHead:
+    """A value head that says V = 0 everywhere, so that the advantages are R / std(R)."""
+    head = vlrm.ValueHead(model.config.text_config.word_embed_proj_dim)
+    torch.nn.init.zeros_(head.net[-1].weight)
+    torch.nn.init.zeros_(head.net[-1].bias)
+    return head
+
+
 def test_logprobs_match_blip2_logits(world, policy):
     model, _ = policy
     px = shapes.pixel_values(world.images("test")[:4])
@@ -343,9 +360,7 @@ def test_a2c_step_raises_logprob_of_positive_advantage(world):
         tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=10)
     W = model.language_model.get_output_embeddings().weight
     returns = torch.tensor([1.0, 0.0] * 4)[:, None].expand_as(mask) * mask  # even captions good, odd neutral
-    value_head = vlrm.ValueHead(model.config.text_config.word_embed_proj_dim)
-    torch.nn.init.zeros_(value_head.net[-1].weight)  # V = 0, so A = R / std(R): positive on the even captions
-    torch.nn.init.zeros_(value_head.net[-1].bias)
+    value_head = zero_value_head(model)  # V = 0, so A = R / std(R): positive on the even captions
 
     def seq_logp():
         hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
@@ -683,10 +698,7 @@ def test_repeat_penalty_needs_the_whole_ngram():
 def test_rollout_mask_covers_the_eos_and_nothing_after(world, policy):
     model, _ = policy
     eos = model.config.text_config.eos_token_id
-    torch.manual_seed(1)
-    with torch.no_grad():
-        prefix = vlrm.soft_prefix(model, model.vision_model(shapes.pixel_values(world.images("test")[:8])).last_hidden_state)
-        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=12)
+    _, tokens, mask = sampled_batch(world, model, 8, max_new_tokens=12)
     ended = (tokens == eos).any(1)
     assert ended.any()
     for row, m, done in zip(tokens, mask, ended):
@@ -696,10 +708,8 @@ def test_rollout_mask_covers_the_eos_and_nothing_after(world, policy):
 
 def test_actor_loss_subtracts_the_entropy_bonus(world, policy):
     model, _ = policy
-    torch.manual_seed(1)
+    prefix, tokens, mask = sampled_batch(world, model, 4, max_new_tokens=8)
     with torch.no_grad():
-        prefix = vlrm.soft_prefix(model, model.vision_model(shapes.pixel_values(world.images("test")[:4])).last_hidden_state)
-        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=8)
         hidden = vlrm.caption_states(model, prefix, tokens)
     W = model.language_model.get_output_embeddings().weight
     head = vlrm.ValueHead(model.config.text_config.word_embed_proj_dim)
@@ -767,15 +777,11 @@ def test_advantages_use_the_critic_from_before_its_update(world_root, world, tmp
 def test_advantages_are_scaled_by_their_std_not_centred(world, policy):
     """Design choice 6: A = (R - V) / std, not centred (V is the baseline): with V = 0, A = R / std(R)."""
     model, _ = policy
-    torch.manual_seed(1)
+    prefix, tokens, mask = sampled_batch(world, model, 4, max_new_tokens=8)
     with torch.no_grad():
-        prefix = vlrm.soft_prefix(model, model.vision_model(shapes.pixel_values(world.images("test")[:4])).last_hidden_state)
-        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=8)
         hidden = vlrm.caption_states(model, prefix, tokens)
     W = model.language_model.get_output_embeddings().weight
-    head = vlrm.ValueHead(model.config.text_config.word_embed_proj_dim)
-    torch.nn.init.zeros_(head.net[-1].weight)  # V = 0
-    torch.nn.init.zeros_(head.net[-1].bias)
+    head = zero_value_head(model)
     returns = (1 + torch.rand(mask.shape)) * mask  # all positive
     out = vlrm.a2c_losses(hidden, head, tokens, mask, returns, W, ent_coef=0.0)
     valid = mask.bool()
