@@ -295,11 +295,9 @@ class ClipJudge:
         return retrieval(text_emb, self.image_emb, text_keys)
 
     def truncated_share(self, captions) -> float | None:
-        """Captions longer than CLIP's text window (tokens + start/end): their tails are invisible to it.
-        None for CLIPs whose tokenizer cannot count (open_clip's HF tokenizers)."""
-        if not hasattr(self.tokenizer, "encode"):
-            return None
-        return float(np.mean([len(self.tokenizer.encode(c)) + 2 > self.model.context_length for c in captions]))
+        """Captions longer than CLIP's text window: their tails are invisible to it (None: cannot count)."""
+        count = vlrm.clip_token_counts(self.tokenizer)
+        return None if count is None else float(np.mean([n > self.model.context_length for n in count(captions)]))
 
 
 def retrieval_ranks(text_emb: torch.Tensor, image_emb: torch.Tensor, text_keys: list):

@@ -425,9 +425,16 @@ def clip_reward(spec: str, device):
         txt = model.encode_text(tokenizer(captions).to(device))
         return kernels.pair_similarity(img.float(), txt.float())
     reward.limit = model.context_length  # longer captions are cut: their tails are invisible to the reward
-    if hasattr(tokenizer, "encode"):  # open_clip's own tokenizer; its HF-hub ones cannot count: not reported
-        reward.token_counts = lambda captions: [len(tokenizer.encode(c)) + 2 for c in captions]  # + start/end
+    reward.token_counts = clip_token_counts(tokenizer)
     return reward
+
+
+def clip_token_counts(tokenizer):
+    """captions -> tokens of each, CLIP's start/end included; None for the tokenizers that cannot count
+    (open_clip's HF-hub ones), whose truncated share is then not reported."""
+    if not hasattr(tokenizer, "encode"):
+        return None
+    return lambda captions: [len(tokenizer.encode(c)) + 2 for c in captions]
 
 
 def itm_reward(spec: str, max_length: int, device, dtype):
@@ -723,8 +730,10 @@ def train(cfg: Config) -> Path:
         raise UsageError("--device cuda, but torch sees no GPU")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if cfg.kernels == "triton" and device.type != "cuda" and not kernels.INTERPRET:
-        raise UsageError("--kernels triton needs a CUDA GPU (or TRITON_INTERPRET=1, slow); use --kernels auto")
+    try:  # kernels.py's own rule, asked now rather than at the first kernel call, after every model loaded
+        kernels._use_triton(cfg.kernels, torch.empty(0, device=device))
+    except RuntimeError as e:
+        raise UsageError(f"--kernels {cfg.kernels}: {e}; use --kernels auto") from None
     dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
     kernels.set_backend(cfg.kernels)
     run_dir, main_rank = Path(cfg.run_dir), rank == 0
@@ -925,7 +934,7 @@ def train(cfg: Config) -> Path:
             if device.type == "cuda":  # peak since the start, weights included
                 metrics["perf/gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             for name in ("clip", "itm"):
-                if hasattr(rewards.get(name), "token_counts"):
+                if name in rewards and rewards[name].token_counts:
                     metrics[f"charts/{name}_truncated"] = truncated_share(rewards[name], captions)
             t_last, steps_since_log = time.time(), 0
             if main_rank:
