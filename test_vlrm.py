@@ -2,6 +2,7 @@
 
     pytest -q test_vlrm.py     (conftest.py provides the tiny test world and the offline environment)
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -681,6 +683,42 @@ def test_torchrun_two_ranks_end_to_end(world_root, world, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]  # includes the ranks' weight-checksum agreement check
     assert (run / "checkpoint" / "vlrm-trainable.pt").is_file()
     assert len(torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)["rng"]) == 2
+
+
+def test_torchrun_stop_signal_to_one_rank_stops_both_at_one_step(world_root, world, tmp_path):
+    """SIGTERM to rank 1 alone, the extreme of a signal that reaches the ranks at different moments: both
+    ranks stop after the same step (any_rank), save it (no periodic save is due), exit cleanly, and a
+    --resume run carries on from there. Without the agreement the ranks' collectives part and the run hangs."""
+    run = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "vlrm.py"]
+    args = train_args(world_root, run, 100_000, "--save-every", "100000", "--val-every", "100000")
+    proc = subprocess.Popen(torchrun + args, cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        metrics, deadline = run / "metrics.jsonl", time.time() + 300
+        while not (metrics.is_file() and metrics.stat().st_size) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # the first metrics line: both ranks are in the loop
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        rank1 = [int(pid) for pid in workers if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+        assert len(rank1) == 1, workers
+        os.kill(rank1[0], signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    except BaseException:  # a hang or a failure: leave no worker running (killing torchrun would not)
+        with contextlib.suppress(OSError):
+            for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+        raise
+    finally:
+        proc.kill()  # a no-op once it has exited
+        proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    step = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)["step"]
+    assert f"interrupted: checkpoint saved at step {step}" in out and 2 <= step < 100_000
+    resumed = subprocess.run(torchrun + train_args(world_root, run, step + 2, "--resume"), cwd=REPO, env=run_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)["step"] == step + 2
 
 
 # ----------------------------------------------------------------------------------------------------
