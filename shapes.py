@@ -49,8 +49,10 @@ Design choices (the world's models stand in for large pretrained ones, so traini
     colour and the prefix can say which one precisely: 89-97% right for every colour. Greedy captions
     stay at 2.0 words. RL still trains only the Q-Former, and the reference LM is the OPT before
     this fine-tuning.
- 4. The build is deterministic for a seed, on one thread count and set of library versions (float
-    sums change with either), and atomic (temp dir, then rename). A manifest records the settings, the
+ 4. The build is deterministic for a seed, on one CPU, thread count and set of library versions (float
+    sums change with each: on a CPU with other vector units, the same versions built a world whose
+    report differs in the third decimal; results/shapes-default/NOTEBOOK.md, "The world rebuilt on
+    another CPU"), and atomic (temp dir, then rename). A manifest records the settings, the
     versions and threads, and a SHA-256 per file; a cache built with other settings or WORLD_VERSION,
     or corrupt, is rebuilt. Versions and threads are recorded, not checked, and a change to this
     file's code must bump WORLD_VERSION to reach a cached world.
