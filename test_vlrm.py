@@ -685,6 +685,16 @@ def test_torchrun_two_ranks_end_to_end(world_root, world, tmp_path):
     assert len(torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)["rng"]) == 2
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux /proc; the field after the parenthesised name is the ppid)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
 def test_torchrun_stop_signal_to_one_rank_stops_both_at_one_step(world_root, world, tmp_path):
     """SIGTERM to rank 1 alone, the extreme of a signal that reaches the ranks at different moments: both
     ranks stop after the same step (any_rank), save it (no periodic save is due), exit cleanly, and a
@@ -699,15 +709,15 @@ def test_torchrun_stop_signal_to_one_rank_stops_both_at_one_step(world_root, wor
         while not (metrics.is_file() and metrics.stat().st_size) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)  # the first metrics line: both ranks are in the loop
         assert proc.poll() is None, proc.stderr.read()[-3000:]
-        workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        rank1 = [int(pid) for pid in workers if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+        workers = child_pids(proc.pid)
+        rank1 = [pid for pid in workers if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
         assert len(rank1) == 1, workers
         os.kill(rank1[0], signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     except BaseException:  # a hang or a failure: leave no worker running (killing torchrun would not)
-        with contextlib.suppress(OSError):
-            for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
-                os.kill(int(pid), signal.SIGKILL)
+        for pid in child_pids(proc.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         raise
     finally:
         proc.kill()  # a no-op once it has exited
