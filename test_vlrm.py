@@ -675,10 +675,12 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(world, tmp_path)
             assert torch.allclose(r["grads"][name], g, atol=1e-5), name
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "vlrm.py"]
+
+
 def test_torchrun_two_ranks_end_to_end(world_root, world, tmp_path):
     run = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "vlrm.py", *train_args(world_root, run, 2)], cwd=REPO, env=run_env(),
+    proc = subprocess.run(TORCHRUN + train_args(world_root, run, 2), cwd=REPO, env=run_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]  # includes the ranks' weight-checksum agreement check
     assert (run / "checkpoint" / "vlrm-trainable.pt").is_file()
@@ -699,21 +701,20 @@ def test_torchrun_stop_signal_to_one_rank_stops_both_at_one_step(world_root, wor
     """SIGTERM to rank 1 alone, the extreme of a signal that reaches the ranks at different moments: both
     ranks stop after the same step (any_rank), save it (no periodic save is due), exit cleanly, and a
     --resume run carries on from there. Without the agreement the ranks' collectives part and the run hangs."""
-    run = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "vlrm.py"]
+    run, out, err = tmp_path / "ddp", tmp_path / "stdout", tmp_path / "stderr"  # files: no pipe to fill while we wait
     args = train_args(world_root, run, 100_000, "--save-every", "100000", "--val-every", "100000")
-    proc = subprocess.Popen(torchrun + args, cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(TORCHRUN + args, cwd=REPO, env=run_env(), stdout=stdout, stderr=stderr)
     try:
         metrics, deadline = run / "metrics.jsonl", time.time() + 300
         while not (metrics.is_file() and metrics.stat().st_size) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)  # the first metrics line: both ranks are in the loop
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert proc.poll() is None, err.read_text()[-3000:]
         workers = child_pids(proc.pid)
         rank1 = [pid for pid in workers if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
         assert len(rank1) == 1, workers
         os.kill(rank1[0], signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     except BaseException:  # a hang or a failure: leave no worker running (killing torchrun would not)
         for pid in child_pids(proc.pid):
             with contextlib.suppress(OSError):
@@ -722,10 +723,10 @@ def test_torchrun_stop_signal_to_one_rank_stops_both_at_one_step(world_root, wor
     finally:
         proc.kill()  # a no-op once it has exited
         proc.wait()
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, err.read_text()[-3000:]
     step = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)["step"]
-    assert f"interrupted: checkpoint saved at step {step}" in out and 2 <= step < 100_000
-    resumed = subprocess.run(torchrun + train_args(world_root, run, step + 2, "--resume"), cwd=REPO, env=run_env(),
+    assert f"interrupted: checkpoint saved at step {step}" in out.read_text() and 2 <= step < 100_000
+    resumed = subprocess.run(TORCHRUN + train_args(world_root, run, step + 2, "--resume"), cwd=REPO, env=run_env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)["step"] == step + 2
