@@ -30,8 +30,8 @@ Design choices (what the paper leaves open, and what we chose):
     hidden state at each caption position (detached): the LM already summarises image and text so far.
     On the miniature world that summary is thin: the head explains ~0.1 of the return's variance, as
     much as a head fitted offline on the same states, and 70% of the reward's variance lies among one
-    image's captions, which no critic can foresee (results/shapes-default/NOTEBOOK.md, "Why the value
-    head explains so little"). There it is a baseline that tracks the reward's level.
+    image's captions, which no critic can foresee before they are drawn (results/shapes-default/
+    NOTEBOOK.md, "Why the value head explains so little"). There it is a baseline for the reward's level.
  5. Log-probs come from the fused kernel in kernels.py on caption positions only: the (tokens, vocab)
     logits are never materialised (50,272 x 3,840 x 4 B = 0.8 GB for OPT-2.7B at 64 captions of 60 tokens).
  6. Advantages are divided by their batch standard deviation, so one learning rate serves rewards of any
