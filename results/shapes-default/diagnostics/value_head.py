@@ -46,19 +46,21 @@ torch.manual_seed(seed)  # after the loading, whose model constructors draw from
 rng = np.random.default_rng(seed)
 
 
-def explained_variance(values, returns) -> float:
-    return float(1 - (returns - values).var() / returns.var())
-
-
 @torch.no_grad()
-def rollouts(images):
-    """One batch as vlrm.train's step 1 makes it -> features {name: (N, D)}, returns (N,), tokens left (N,)
-    over the valid caption positions, and the sequence rewards (B,)."""
+def sample(images):
+    """vlrm.train's rollout -> ViT features, soft prefix, tokens (B, T), mask (B, T), sequence rewards (B,)."""
     image_embeds = policy.vision_model(to_pixels(images)).last_hidden_state
     prefix = vlrm.soft_prefix(policy, image_embeds)
     tokens, mask = vlrm.rollout(policy, prefix, cfg.max_new_tokens)
     captions = [c.strip() for c in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
-    reward = sequence_reward(images, captions).float()
+    return image_embeds, prefix, tokens, mask, sequence_reward(images, captions).float()
+
+
+@torch.no_grad()
+def rollouts(images):
+    """One batch as vlrm.train's step 1 makes it -> features {name: (N, D)}, returns (N,) and tokens left
+    (N,) over the valid caption positions."""
+    image_embeds, prefix, tokens, mask, reward = sample(images)
     bad, repeat = vlrm.penalties(tokens, mask, tokenizer, bad_regex, cfg.repeat_ngram)
     embeds = vlrm._prompt(policy, prefix, tokens[:, :-1])  # caption_states' forward, every layer kept
     out = policy.language_model.model(inputs_embeds=embeds, output_hidden_states=True,
@@ -73,7 +75,7 @@ def rollouts(images):
     image = image[:, None].expand(-1, tokens.shape[1], -1)  # (B, T, D): the same at every position
     features = {"last hidden state (vlrm's head)": layers[-1][valid], "every LM layer": torch.cat(layers, -1)[valid],
                 "last hidden state and the CLIP image embedding": torch.cat([layers[-1], image], -1)[valid]}
-    return features, returns[valid], left[valid], reward
+    return features, returns[valid], left[valid]
 
 
 # 1. the run's head, and heads fitted offline ------------------------------------------------------
@@ -83,25 +85,29 @@ features = {name: torch.cat([b[0][name] for b in batches]) for name in batches[0
 returns, left = torch.cat([b[1] for b in batches]), torch.cat([b[2] for b in batches])
 train = torch.cat([torch.full((len(b[1]),), i < BATCHES * 3 // 4) for i, b in enumerate(batches)])
 test, eos = ~train, left == 1
+returns_train, returns_test = returns[train], returns[test]
+held_out, held_out_eos = torch.ones(len(returns_test), dtype=torch.bool), eos[test]  # masks over the held-out rows
 print(f"{BATCHES} batches of 32 rollouts, {len(returns)} caption positions; variance of the return {returns.var():.2f}")
 with torch.no_grad():
     values = run_head(features["last hidden state (vlrm's head)"])
-print(f"the run's value head: explained variance {explained_variance(values[test], returns[test]):.3f} on the "
-      f"held-out quarter, {explained_variance(values[test & eos], returns[test & eos]):.3f} at its EOS positions")
+print(f"the run's value head: explained variance {vlrm.explained_variance(values, returns, test):.3f} on the "
+      f"held-out quarter, {vlrm.explained_variance(values, returns, test & eos):.3f} at its EOS positions")
 for name, x in features.items():
     torch.manual_seed(0)
     head = vlrm.ValueHead(x.shape[-1])
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     best = (-np.inf, 0, 0.0)
+    x_train, x_test = x[train], x[test]  # selected once, not per minibatch
     for epoch in range(FIT_EPOCHS):
-        for j in torch.randperm(int(train.sum())).split(256):
-            loss = ((head(x[train][j]) - returns[train][j]) ** 2).mean()
+        for j in torch.randperm(len(x_train)).split(256):
+            loss = ((head(x_train[j]) - returns_train[j]) ** 2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            fit = (explained_variance(head(x[test]), returns[test]), epoch + 1,
-                   explained_variance(head(x[test & eos]), returns[test & eos]))
+            values = head(x_test)
+            fit = (vlrm.explained_variance(values, returns_test, held_out), epoch + 1,
+                   vlrm.explained_variance(values, returns_test, held_out_eos))
         best = max(best, fit)
     print(f"fresh head on the {name} ({x.shape[-1]} wide), fitted offline: best held-out explained variance "
           f"{best[0]:.3f} (epoch {best[1]}; at EOS {best[2]:.3f})")
@@ -112,7 +118,7 @@ rewards = torch.zeros(SCENES, CAPTIONS_PER_SCENE)
 for start in range(0, SCENES, 32):
     images = torch.from_numpy(np.array([scenes[i] for i in idx[start:start + 32]]))
     for k in range(CAPTIONS_PER_SCENE):
-        rewards[start:start + 32, k] = rollouts(images)[3]
+        rewards[start:start + 32, k] = sample(images)[-1]
 total, within = rewards.var(), rewards.var(1).mean()
 between = rewards.mean(1).var() - within / CAPTIONS_PER_SCENE  # less the noise of an 8-sample mean
 print(f"sequence reward over {SCENES} scenes x {CAPTIONS_PER_SCENE} captions: variance {total:.2f}; between scenes "
