@@ -37,13 +37,20 @@ Design choices:
     an object in the scene has it, bound to its shape when that shape is in the scene ("a blue circle" is
     wrong beside a red circle and a blue square). Hallucination rate = share of named attributes absent
     from the scene; recall = share of the scene's attributes (4 per object + background) named, bound.
-    Pooled over the test set, per kind (shape, colour, size, position, background) and overall. Candid
-    note: existence, not count: "two circles" beside one circle, or one mention of two red circles, is
-    neither penalised nor rewarded.
+    Pooled over the test set, per kind (shape, colour, size, position, background) and overall. This
+    asks whether each attribute exists, not how many objects carry it: design choice 5 counts.
  3. BLEU-4 and CIDEr-D are written out here (about 40 lines) rather than installed: pycocoevalcap is a
     104 MB wheel whose tokenizer needs Java. Both follow coco-caption and are tested against its numbers.
  4. The CLIP judge is the world's judge_clip (never a reward) on the miniature world, and ViT-L-14/openai
     elsewhere: the CLIP most captioning-recall papers report with (its weights must be on disk or reachable).
+ 5. Object hallucination as CHAIR (Rohrbach et al., 2018), counted exactly against the scene: each object
+    mention (a shape with the colour, size and position bound to it, as parsed in 2.) is matched one to
+    one to a distinct scene object having every attribute it names (a maximum bipartite matching), so
+    "a pink triangle and a pink triangle" is right only where the scene holds two. An unmatched mention
+    is hallucinated: objects/chair_i = hallucinated / all mentions, objects/chair_s = share of captions
+    with one or more. loop_3gram is the share of captions in which a word 3-gram occurs three or more
+    times: the degenerate looping that the repetition penalty exists to stop (repeat_3gram, any repeat,
+    also counts true captions such as "a small red circle at top and a small red cross").
 """
 from __future__ import annotations
 
@@ -75,7 +82,7 @@ COLOUR_WORDS = set(shapes.COLOURS) | set(shapes.BACKGROUNDS) | {
     "teal", "turquoise", "blond", "blonde"}
 BAD_PHRASES = re.compile(vlrm.Config.bad_phrases)  # the same phrases the training penalises
 IMAGE_EXT = vlrm.ImageFiles.EXT
-CURVES = ("reward/total", "reward/clip", "reward/itm", "reward/ref", "val/judge_r1", "charts/caption_len")
+CURVES = ("reward/sequence", "reward/clip", "reward/itm", "reward/ref", "val/judge_r1", "charts/caption_len")
 
 
 class UsageError(vlrm.UsageError):
@@ -108,7 +115,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 def load_files(ids, paths, references, size, skip_bad) -> Dataset:
     """Decode every file; unreadable ones are listed, and stop the run unless --skip-bad-images."""
-    kept, images, refs, bad = [], [], [], []
+    kept, images, bad = [], [], []
     for i, path in enumerate(paths):
         try:
             images.append(load_image(path, size))
@@ -327,16 +334,19 @@ def ngrams(tokens: list[str], n: int) -> list[tuple]:
 def caption_stats(captions: list[str]) -> dict:
     """words: mean whitespace-separated words (as vlrm's charts/caption_len); colour_rate: share naming a
     colour word; distinct_n: distinct / total word n-grams over all captions; repeat_3gram: share repeating
-    a word 3-gram; bad_phrase: share matching vlrm's bad-phrase regex (case-insensitive here)."""
+    a word 3-gram; loop_3gram: share with a word 3-gram that occurs three or more times (design choice 5);
+    bad_phrase: share matching vlrm's bad-phrase regex (case-insensitive here)."""
     toks = [words(c) for c in captions]
     distinct = {}
     for n in (1, 2):
         grams = [g for t in toks for g in ngrams(t, n)]
         distinct[f"distinct_{n}"] = len(set(grams)) / max(1, len(grams))
+    most = [max(Counter(ngrams(t, 3)).values(), default=0) for t in toks]  # the commonest 3-gram's count
     return {"words": float(np.mean([len(c.split()) for c in captions])),
             "colour_rate": float(np.mean([any(w in COLOUR_WORDS for w in t) for t in toks])),
             **distinct,
-            "repeat_3gram": float(np.mean([len(set(ngrams(t, 3))) < len(ngrams(t, 3)) for t in toks])),
+            "repeat_3gram": float(np.mean([m >= 2 for m in most])),
+            "loop_3gram": float(np.mean([m >= 3 for m in most])),
             "bad_phrase": float(np.mean([bool(BAD_PHRASES.search(c.lower())) for c in captions]))}
 
 
@@ -427,20 +437,21 @@ def parse_caption(text: str) -> tuple[list[dict], list[tuple[str, object]], str 
     return objects, loose, background
 
 
-def attribute_counts(caption: str, scene) -> tuple[Counter, list[str]]:
-    """-> (per attribute kind: named, correct (in the scene, bound to its shape where the shape is present),
-    truth (the scene's attributes), recalled (ground-truth attributes the caption names, bound);
-    the named attributes that are not in the scene, as words for the report)."""
+def scene_objects(scene) -> list[dict]:
+    """The scene's objects in parse_caption's terms."""
+    return [{"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.cell} for o in scene.objects]
+
+
+def attribute_counts(caption: str, scene) -> Counter:
+    """-> per attribute kind: named, correct (in the scene, bound to its shape where the shape is present),
+    truth (the scene's attributes), recalled (ground-truth attributes the caption names, bound)."""
     objects, loose, background = parse_caption(caption)
-    truth = [{"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.cell} for o in scene.objects]
-    c, wrong = Counter({f"{k}/{what}": 0 for k in KINDS for what in ("named", "correct", "truth", "recalled")}), []
+    truth = scene_objects(scene)
+    c = Counter({f"{k}/{what}": 0 for k in KINDS for what in ("named", "correct", "truth", "recalled")})
 
     def name(kind, value, among):
-        ok = any(o[kind] == value for o in among)
         c[f"{kind}/named"] += 1
-        c[f"{kind}/correct"] += ok
-        if not ok:
-            wrong.append(shapes.POSITIONS[value] if kind == "position" else value)
+        c[f"{kind}/correct"] += any(o[kind] == value for o in among)
     for obj in objects:
         same_shape = [o for o in truth if o["shape"] == obj["shape"]]
         for kind, value in obj.items():
@@ -450,15 +461,13 @@ def attribute_counts(caption: str, scene) -> tuple[Counter, list[str]]:
     if background is not None:
         c["background/named"] += 1
         c["background/correct"] += background == scene.background
-        if background != scene.background:
-            wrong.append(f"{background} background")
     for o in truth:
         for kind in ("shape", "colour", "size", "position"):
             c[f"{kind}/truth"] += 1
             c[f"{kind}/recalled"] += any(n["shape"] == o["shape"] and n.get(kind) == o[kind] for n in objects)
     c["background/truth"] += 1
     c["background/recalled"] += background == scene.background
-    return c, wrong
+    return c
 
 
 def attribute_metrics(captions: list[str], scenes) -> dict:
@@ -466,7 +475,7 @@ def attribute_metrics(captions: list[str], scenes) -> dict:
     nothing of a kind was named), recall = recalled / truth; per kind and overall."""
     total = Counter()
     for cap, scene in zip(captions, scenes):
-        total.update(attribute_counts(cap, scene)[0])
+        total.update(attribute_counts(cap, scene))
     out = {}
     for kind in KINDS + ("all",):
         get = (lambda w: sum(total[f"{k}/{w}"] for k in KINDS)) if kind == "all" else (lambda w: total[f"{kind}/{w}"])
@@ -477,32 +486,101 @@ def attribute_metrics(captions: list[str], scenes) -> dict:
     return out
 
 
+def match_mentions(mentions: list[dict], scene) -> tuple[list[int], list[int]]:
+    """Design choice 5: match each mention to a distinct scene object having every attribute it names, as
+    many as possible (Kuhn's augmenting paths: a maximum bipartite matching). -> (indices of the unmatched
+    mentions that no scene object fits: not in the image; of those that fit only objects already matched:
+    named twice)."""
+    truth = scene_objects(scene)
+    fits = [[j for j, o in enumerate(truth) if all(o[k] == v for k, v in m.items())] for m in mentions]
+    owner = {}  # scene object -> the mention matched to it
+
+    def augment(i, seen) -> bool:  # find mention i an object, moving earlier mentions along if need be
+        for j in fits[i]:
+            if j not in seen:
+                seen.add(j)
+                if j not in owner or augment(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+    for i in range(len(mentions)):
+        augment(i, set())
+    unmatched = [i for i in range(len(mentions)) if i not in owner.values()]
+    return [i for i in unmatched if not fits[i]], [i for i in unmatched if fits[i]]
+
+
+def object_metrics(captions: list[str], scenes) -> dict:
+    """CHAIR against the scenes (design choice 5): objects/chair_i = hallucinated mentions / mentions (None
+    if no caption names an object), objects/chair_s = share of captions with a hallucinated mention,
+    objects/mentions = object mentions per caption."""
+    mentions = hallucinated = with_one = 0
+    for cap, scene in zip(captions, scenes):
+        objects = parse_caption(cap)[0]
+        absent, doubled = match_mentions(objects, scene)
+        mentions, hallucinated = mentions + len(objects), hallucinated + len(absent) + len(doubled)
+        with_one += bool(absent or doubled)
+    return {"objects/chair_i": hallucinated / mentions if mentions else None,
+            "objects/chair_s": with_one / len(captions), "objects/mentions": mentions / len(captions)}
+
+
+def mention_text(m: dict) -> str:
+    """A parsed mention in the grammar's words: {"colour": "purple", "shape": "diamond"} -> "purple diamond"."""
+    return " ".join([m[k] for k in ("size", "colour", "shape") if k in m]
+                    + ([shapes.POSITIONS[m["position"]]] if "position" in m else []))
+
+
+def caption_marks(caption: str, scene) -> tuple[list[str], list[str]]:
+    """What the report marks: (named but not in the image: object mentions no scene object fits, a wrong
+    background, attributes bound to no shape that no object has; objects named twice)."""
+    objects, loose, background = parse_caption(caption)
+    absent, doubled = match_mentions(objects, scene)
+    truth = scene_objects(scene)
+    missing = [mention_text(objects[i]) for i in absent]
+    missing += [f"{background} background"] if background not in (None, scene.background) else []
+    missing += [shapes.POSITIONS[v] if k == "position" else v for k, v in loose if not any(o[k] == v for o in truth)]
+    return missing, [mention_text(objects[i]) for i in doubled]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The HTML report: metrics, training curves (inline SVG), image grid (embedded PNG). No JS, no network.
-def svg_curve(title: str, points: list[tuple[float, float]], w: int = 300, h: int = 170) -> str:
+PALETTE = ("#1f6fb4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def svg_curve(title: str, series: dict[str, list[tuple[float, float]]], w: int = 300, h: int = 170) -> str:
+    """One chart: a line per series {label: [(step, value), ...]}, with a legend when there are several."""
+    points = [p for pts in series.values() for p in pts]
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     x1 = x1 if x1 > x0 else x0 + 1
     if y1 == y0:  # a flat curve sits in the middle of its box
         y0, y1 = y0 - (abs(y0) or 1) / 2, y1 + (abs(y1) or 1) / 2
     pad, sx, sy = 50, (w - 60) / (x1 - x0), (h - 50) / (y1 - y0)  # pad: room for the y labels
-    xy = [(pad + (x - x0) * sx, h - 25 - (y - y0) * sy) for x, y in points]
-    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="#1f6fb4"/>' for x, y in xy) if len(xy) <= 30 else ""
-    return (f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg" class="curve">'
-            f'<text x="{w / 2}" y="14" text-anchor="middle" font-size="12">{html.escape(title)}</text>'
-            f'<line x1="{pad}" y1="{h - 25}" x2="{w - 10}" y2="{h - 25}" stroke="#888"/>'
-            f'<line x1="{pad}" y1="20" x2="{pad}" y2="{h - 25}" stroke="#888"/>'
-            f'<text x="{pad - 3}" y="{h - 25}" text-anchor="end" font-size="10">{y0:.3g}</text>'
-            f'<text x="{pad - 3}" y="28" text-anchor="end" font-size="10">{y1:.3g}</text>'
-            f'<text x="{pad}" y="{h - 8}" font-size="10">{x0:.0f}</text>'
-            f'<text x="{w - 10}" y="{h - 8}" text-anchor="end" font-size="10">step {x1:.0f}</text>'
-            f'<polyline points="{path}" fill="none" stroke="#1f6fb4" stroke-width="1.5"/>{dots}</svg>')
+    parts = [f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg" class="curve">'
+             f'<rect width="{w}" height="{h}" fill="white"/>'
+             f'<text x="{w / 2}" y="14" text-anchor="middle" font-size="12">{html.escape(title)}</text>'
+             f'<line x1="{pad}" y1="{h - 25}" x2="{w - 10}" y2="{h - 25}" stroke="#888"/>'
+             f'<line x1="{pad}" y1="20" x2="{pad}" y2="{h - 25}" stroke="#888"/>'
+             f'<text x="{pad - 3}" y="{h - 25}" text-anchor="end" font-size="10">{y0:.3g}</text>'
+             f'<text x="{pad - 3}" y="28" text-anchor="end" font-size="10">{y1:.3g}</text>'
+             f'<text x="{pad}" y="{h - 8}" font-size="10">{x0:.0f}</text>'
+             f'<text x="{w - 10}" y="{h - 8}" text-anchor="end" font-size="10">step {x1:.0f}</text>']
+    for i, (label, pts) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        xy = [(pad + (x - x0) * sx, h - 25 - (y - y0) * sy) for x, y in pts]
+        parts.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in xy)}" fill="none" '
+                     f'stroke="{colour}" stroke-width="1.5"/>')
+        if len(xy) <= 30:
+            parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="{colour}"/>' for x, y in xy]
+        if len(series) > 1:
+            parts.append(f'<text x="{w - 12}" y="{h - 32 - 12 * (len(series) - 1 - i)}" text-anchor="end" '
+                         f'font-size="10" fill="{colour}">{html.escape(label)}</text>')
+    return "".join(parts) + "</svg>"
 
 
-def read_curves(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
+def read_curves(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """{metric: [(step, value), ...]} from a run folder's metrics.jsonl, or from a file of that format."""
     curves = {k: [] for k in CURVES}
-    path = run_dir / "metrics.jsonl"
+    path = path / "metrics.jsonl" if path.is_dir() else path
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             row = json.loads(line)
@@ -532,17 +610,21 @@ def html_report(results: dict, names: list[str], table: list[tuple[str, list[str
              "<table><tr><th>metric</th>" + "".join(f"<th>{esc(n)}</th>" for n in names) + f"</tr>{rows}</table>"]
     if data.bad:
         parts.append(f"<p>{len(data.bad)} images skipped: {esc('; '.join(data.bad[:20]))}</p>")
-    for name, run_dir in runs.items():
-        curves = read_curves(run_dir)
-        parts.append(f"<h2>Training curves: {esc(name)} ({esc(str(run_dir))})</h2>" +
-                     ("".join(svg_curve(k, v) for k, v in curves.items()) or "<p>no metrics.jsonl</p>"))
+    if runs:  # one chart per metric, a line per run
+        curves = {name: read_curves(run_dir) for name, run_dir in runs.items()}
+        charts = [svg_curve(k, {name: c[k] for name, c in curves.items() if k in c})
+                  for k in CURVES if any(k in c for c in curves.values())]
+        parts.append("<h2>Training curves: " + esc(", ".join(f"{n} ({d})" for n, d in runs.items())) + "</h2>" +
+                     ("".join(charts) or "<p>no metrics.jsonl</p>"))
     cells = []
     for i in range(min(grid, len(data.ids))):
         caps = ""
         for n in names:
-            wrong = attribute_counts(captions[n][i], data.scenes[i])[1] if data.scenes else []
+            missing, doubled = caption_marks(captions[n][i], data.scenes[i]) if data.scenes else ([], [])
+            marks = [f"[{what}: {', '.join(items)}]" for what, items in (("not in the image", missing),
+                                                                         ("named twice", doubled)) if items]
             caps += f"<p><b>{esc(n)}:</b> {esc(captions[n][i])}" + (
-                f" <span class='wrong'>[not in the image: {esc(', '.join(wrong))}]</span>" if wrong else "") + "</p>"
+                f" <span class='wrong'>{esc(' '.join(marks))}</span>" if marks else "") + "</p>"
         ref = f"<p class='ref'><b>reference:</b> {esc(data.references[i][0])}</p>" if data.references else ""
         cells.append(f"<div class='cell'><img src='data:image/png;base64,{png_b64(data.images[i])}' "
                      f"alt='{esc(data.ids[i])}'><div>{caps}{ref}</div></div>")
@@ -564,8 +646,11 @@ TABLE = [  # (label, key in a policy's metrics, format)
     ("R@5 image->text", "i2t/R@5", "{:.3f}"), ("mean rank i->t", "i2t/mean_rank", "{:.1f}"),
     ("words per caption", "words", "{:.2f}"), ("colour-word rate", "colour_rate", "{:.3f}"),
     ("distinct-1", "distinct_1", "{:.3f}"), ("distinct-2", "distinct_2", "{:.3f}"),
-    ("repeated 3-gram rate", "repeat_3gram", "{:.3f}"), ("bad-phrase rate", "bad_phrase", "{:.3f}"),
+    ("repeated 3-gram rate", "repeat_3gram", "{:.3f}"), ("looping 3-gram rate", "loop_3gram", "{:.3f}"),
+    ("bad-phrase rate", "bad_phrase", "{:.3f}"),
     ("truncated by CLIP", "clip_truncated", "{:.3f}"), ("BLEU-4", "bleu4", "{:.3f}"), ("CIDEr-D", "cider_d", "{:.3f}"),
+    ("object mentions / caption", "objects/mentions", "{:.2f}"),
+    ("object halluc. CHAIR_i", "objects/chair_i", "{:.3f}"), ("captions w/ halluc. CHAIR_s", "objects/chair_s", "{:.3f}"),
 ] + [(f"{kind} prec/rec/halluc", f"attr/{kind}", "{:.2f}") for kind in ("all",) + KINDS]  # one cell: three numbers
 
 
@@ -606,7 +691,8 @@ def parse_args(argv=None):
     g = ap.add_argument_group("data")
     g.add_argument("--dataset", choices=("shapes", "coco", "folder"), default="shapes")
     g.add_argument("--world", choices=sorted(shapes.PRESETS), default="default", help="miniature world preset")
-    g.add_argument("--world-root", default=None, help="world cache folder (default: shapes.default_root())")
+    g.add_argument("--world-root", default=None, help="use the worlds built under this folder instead of the "
+                   "shipped one (as vlrm.py --world-root)")
     g.add_argument("--coco-json", help="Karpathy split file dataset_coco.json (images with split == test)")
     g.add_argument("--image-root", help="COCO root: image paths are IMAGE_ROOT/filepath/filename")
     g.add_argument("--images", help="--dataset folder: a folder of images (recursive)")
@@ -702,7 +788,7 @@ def evaluate(args) -> dict:
         if data.references:
             m.update(bleu4=bleu4(caps, data.references), cider_d=cider_d(caps, data.references))
         if data.scenes:
-            m.update(attribute_metrics(caps, data.scenes))
+            m.update(attribute_metrics(caps, data.scenes), **object_metrics(caps, data.scenes))
         results["policies"][p.name] = {"source": p.captions_file or p.spec, "trainable_state": p.state,
                                        "run_dir": str(p.run_dir) if p.run_dir else None, "metrics": m}
         lap(f"{p.name}: metrics")

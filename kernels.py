@@ -29,6 +29,7 @@ for CUDA tensors (or under TRITON_INTERPRET=1) and the reference otherwise.
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -572,10 +573,13 @@ def retrieval_ranks(queries, gallery, targets=None, *, backend=None):
 
 
 def recall_at_k(ranks, ks=(1, 5, 10)) -> dict:
-    """R@K as a fraction (rank < K; the paper reports R@1 = 0.90), plus the median and mean 1-based rank."""
-    ranks = ranks.float()
-    out = {f"R@{k}": (ranks < k).float().mean().item() for k in ks}
-    out["median_rank"] = ranks.median().item() + 1  # torch's median: the lower middle one of an even count
+    """R@K as a fraction (rank < K; the paper reports R@1 = 0.90), plus the median and mean 1-based rank.
+    The median rank is CLIP-Caption-Reward's (tools/eval_clip_retrieval.py), floor(numpy.median(ranks)) + 1
+    over 0-based ranks: an even count averages its two middle ranks, then rounds down."""
+    ranks = ranks.double()
+    out = {f"R@{k}": (ranks < k).double().mean().item() for k in ks}
+    middle = ranks.sort().values[[(len(ranks) - 1) // 2, len(ranks) // 2]]  # the same rank twice for an odd count
+    out["median_rank"] = math.floor(middle.mean().item()) + 1
     out["mean_rank"] = ranks.mean().item() + 1
     return out
 

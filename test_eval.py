@@ -106,23 +106,75 @@ def test_rich_caption_has_precision_and_recall_one():
 
 
 def test_wrong_attributes_are_hallucinations():
-    c, wrong = ev.attribute_counts("a large yellow circle at bottom left on a white background", SCENE)
+    c = ev.attribute_counts("a large yellow circle at bottom left on a white background", SCENE)
     assert (c["shape/named"], c["shape/correct"]) == (1, 1)
     assert (c["colour/named"], c["colour/correct"]) == (1, 0)      # no yellow object
     assert (c["size/named"], c["size/correct"]) == (1, 1)
     assert (c["position/named"], c["position/correct"]) == (1, 0)  # the circle is at top left
     assert (c["background/named"], c["background/correct"]) == (1, 0)
-    assert wrong == ["yellow", "at bottom left", "white background"]  # what the report marks
     # binding: blue exists in the scene, but not on the circle
-    c, _ = ev.attribute_counts("a blue circle", SCENE)
+    c = ev.attribute_counts("a blue circle", SCENE)
     assert c["colour/correct"] == 0 and c["colour/recalled"] == 0
     # an absent shape is a hallucination; its colour is judged on its own (a red object exists)
-    c, _ = ev.attribute_counts("a red triangle", SCENE)
+    c = ev.attribute_counts("a red triangle", SCENE)
     assert (c["shape/correct"], c["colour/correct"]) == (0, 1)
     m = ev.attribute_metrics(["a red circle"], [SCENE])
     assert m["attr/all/precision"] == 1.0
     assert m["attr/shape/recall"] == pytest.approx(1 / 3) and m["attr/background/recall"] == 0.0
     assert m["attr/all/recall"] == pytest.approx(2 / 13)  # circle + red of 3 * 4 + 1 ground-truth attributes
+
+
+# Two pink triangles, one of them the main object, and a blue square
+DOUBLE = Scene((Obj("triangle", "pink", "large", 4), Obj("triangle", "pink", "small", 0),
+                Obj("square", "blue", "small", 8)), "black")
+
+
+def hallucinated(caption, scene):
+    """(mentions, hallucinated mentions) of one caption."""
+    m = ev.object_metrics([caption], [scene])
+    return m["objects/mentions"], round(m["objects/chair_i"] * m["objects/mentions"]) if m["objects/mentions"] else 0
+
+
+def test_object_mentions_are_matched_one_to_one():
+    assert hallucinated(shapes.rich_caption(SCENE), SCENE) == (3, 0)
+    assert hallucinated(shapes.rich_caption(DOUBLE), DOUBLE) == (3, 0)
+    # the single main object named twice: the second mention has no object left
+    assert hallucinated("a red circle on a grey background with a red circle", SCENE) == (2, 1)
+    # a real double: the scene holds two pink triangles
+    assert hallucinated("a pink triangle on a black background with a pink triangle", DOUBLE) == (2, 0)
+    assert hallucinated("a pink triangle with a pink triangle and a pink triangle", DOUBLE) == (3, 1)
+    # four mentions, three objects
+    assert hallucinated("a red circle with a blue square and a green cross and a square", SCENE)[1] >= 1
+    # a bare shape matches any free object of that shape; none there, it is hallucinated
+    assert hallucinated("a circle", Scene((Obj("circle", "red", "large", 4),), "grey")) == (1, 0)
+    assert hallucinated("a circle", Scene((Obj("square", "red", "large", 4),), "grey")) == (1, 1)
+    # matching must not be greedy: "a triangle" first takes the main triangle, which is the only object
+    # "a large pink triangle in the middle" fits; a maximum matching moves the first to the small one
+    assert hallucinated("a triangle with a large pink triangle in the middle", DOUBLE) == (2, 0)
+    # nothing parseable: no mentions, no division by zero
+    m = ev.object_metrics(["the the the", ""], [SCENE, SCENE])
+    assert m == {"objects/chair_i": None, "objects/chair_s": 0.0, "objects/mentions": 0.0}
+    m = ev.object_metrics(["a red circle", "a red circle with a red circle", "a red triangle"], [SCENE] * 3)
+    assert m["objects/chair_i"] == pytest.approx(2 / 4) and m["objects/chair_s"] == pytest.approx(2 / 3)
+
+
+def test_report_marks_absent_and_doubled_objects():
+    missing, doubled = ev.caption_marks("a large yellow circle at bottom left on a white background", SCENE)
+    assert missing == ["large yellow circle at bottom left", "white background"] and doubled == []
+    missing, doubled = ev.caption_marks("a red circle on a grey background with a blue square and a blue square",
+                                        SCENE)
+    assert missing == [] and doubled == ["blue square"]
+    missing, _ = ev.caption_marks("a red circle in the middle and red", SCENE)  # position bound, "red" loose
+    assert missing == ["red circle in the middle"]
+    missing, _ = ev.caption_marks("purple a red circle", SCENE)  # a loose colour no object has
+    assert missing == ["purple"]
+
+
+def test_looping_needs_three_occurrences():
+    s = ev.caption_stats(["a red circle a red circle a red circle", "a red circle with a red circle",
+                          "a red circle"])
+    assert s["loop_3gram"] == pytest.approx(1 / 3)  # the second repeats its 3-grams twice only
+    assert s["repeat_3gram"] == pytest.approx(2 / 3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,7 +339,7 @@ def test_end_to_end(tmp_path, world_root, world):
     shutil.copytree(world.path("captioner"), run / "checkpoint" / "policy")  # the base weights, as a "run"
     torch.save({"step": 40}, run / "checkpoint" / "trainer.pt")
     (run / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "reward/total": 0.1 * s, "reward/clip": 0.01 * s, "charts/caption_len": 2 + s / 10})
+        json.dumps({"step": s, "reward/sequence": 0.1 * s, "reward/clip": 0.01 * s, "charts/caption_len": 2 + s / 10})
         + "\n" for s in range(10, 50, 10)) + json.dumps({"step": 40, "val/judge_r1": 12.5}) + "\n")
     out = tmp_path / "out"
     r = run_eval("--world", "test", "--world-root", str(world_root), "--limit", "50", "--runs", str(tmp_path / "runs"),
@@ -300,6 +352,8 @@ def test_end_to_end(tmp_path, world_root, world):
     assert base == tuned  # the same weights, found through the run directory
     assert 0 <= base["t2i/R@1"] <= base["t2i/R@5"] <= base["t2i/R@10"] <= 1
     assert 0 <= base["attr/all/precision"] <= 1 and base["bleu4"] >= 0 and base["cider_d"] >= 0
+    assert {"objects/chair_i", "objects/chair_s", "loop_3gram"} <= set(base)  # the names results.json promises
+    assert "object halluc. CHAIR_i" in r.stdout and "looping 3-gram rate" in r.stdout
     captions = json.loads((out / "captions_base.json").read_text())
     assert list(captions) == [str(i) for i in range(50)] and all(isinstance(c, str) for c in captions.values())
     page = (out / "report.html").read_text()

@@ -5,6 +5,7 @@ Accuracy idiom: compute the truth in fp64, PyTorch eager in the same low dtype, 
 so half-precision inputs are judged against what PyTorch itself achieves with them.
 Run: pytest -q test_kernels.py   (conftest.py sets TRITON_INTERPRET=1 when there is no GPU)
 """
+import numpy as np
 import pytest
 import torch
 
@@ -275,6 +276,15 @@ def test_recall_at_k():
     assert r["R@1"] == pytest.approx(0.4) and r["R@5"] == pytest.approx(0.6)
     assert r["R@10"] == pytest.approx(0.8)
     assert r["median_rank"] == 4 and r["mean_rank"] == pytest.approx(7.0)
+
+
+def test_median_rank_is_the_peers_formula():
+    # CLIP-Caption-Reward: floor(numpy.median(ranks)) + 1. An even count whose two middle ranks are 1 and 4
+    # gives floor(2.5) + 1 = 3, where the lower middle (torch's median) would give 2
+    for ranks in ([0, 1, 4, 9], [0, 0, 3, 7, 20], [5, 2], [3]):
+        expected = np.floor(np.median(ranks)) + 1
+        assert K.recall_at_k(torch.tensor(ranks))["median_rank"] == expected
+    assert K.recall_at_k(torch.tensor([0, 1, 4, 9]))["median_rank"] == 3
 
 
 def test_backend_switch(monkeypatch):
