@@ -1,6 +1,14 @@
-"""Tests for the miniature world (shapes.py) and the method (vlrm.py). Offline, CPU, a few minutes.
+"""Tests of the method (vlrm.py) and of everything that runs it: the miniature world (shapes.py), loading,
+checkpoints, resume, torchrun. Offline, CPU, a few minutes.
 
     pytest -q test_vlrm.py     (conftest.py provides the tiny test world and the offline environment)
+
+Read the first group to learn the method. Each test pins one rule of VLRM that a wrong implementation
+would break: the return of a token (gamma = 1, the penalties still to come), where each penalty lands,
+that the rollout samples the policy itself and the update reproduces its log-probs, that the advantage
+uses the critic from before its update and is scaled but not centred, that the entropy bonus is a bonus
+and the KL penalty a charge, and that each baseline is what design choice 9 says. The second group,
+below the divider, tests the machinery: the world, loading, checkpoints, resume, errors, torchrun.
 """
 import contextlib
 import dataclasses
@@ -23,6 +31,7 @@ from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetriev
 import shapes
 import vlrm
 
+
 REPO = Path(__file__).parent
 
 
@@ -30,6 +39,283 @@ def run_env():
     """Environment of a subprocess: offline, and no Triton interpreter (vlrm runs --kernels torch)."""
     return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "HF_HUB_OFFLINE": "1"}
 
+
+class WordTokenizer:
+    """Hand-made tokenizer: one token per word piece, EOS id 0."""
+    eos_token_id = 0
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def batch_decode(self, ids):
+        return [self.pieces[int(i[0])] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def policy(world):
+    torch.manual_seed(0)
+    model, processor = vlrm.load_policy(world.path("captioner"))
+    return model, processor
+
+
+def sampled_batch(world, model, n, max_new_tokens):
+    """Pure samples for the first n test images, seed 1: soft prefix (B, Q, H), tokens and mask (B, T)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        prefix = vlrm.soft_prefix(model, model.vision_model(shapes.pixel_values(world.images("test")[:n])).last_hidden_state)
+        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=max_new_tokens)
+    return prefix, tokens, mask
+
+
+def train_args(world_root, tmp, steps, *extra):
+    return ["--world", "test", "--world-root", str(world_root), "--steps", str(steps), "--batch-size", "8", "--max-new-tokens", "12",
+            "--run-dir", str(tmp), "--log-every", "2", "--val-every", "3", "--val-size", "16", "--save-every", "2",
+            "--value-warmup", "1", "--kernels", "torch", *extra]
+
+
+# ====================================================================================================
+# The method
+
+# ----------------------------------------------------------------------------------------------------
+# Returns and penalties
+def test_returns_to_go_with_gamma_one():
+    reward = torch.tensor([1.0, 2.0])
+    penalty = torch.tensor([[0.0, 0.5, 0.0, 0.25], [1.0, 0.0, 0.0, 9.0]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])  # second caption: 3 tokens, the 9 is past its EOS
+    expected = torch.tensor([[1 - 0.75, 1 - 0.75, 1 - 0.25, 1 - 0.25], [2 - 1.0, 2.0, 2.0, 0.0]])
+    assert torch.allclose(vlrm.returns_to_go(reward, penalty, mask), expected)
+
+
+def test_penalties_land_on_the_right_tokens():
+    pieces = ["</s>", "a", " green", " circle", "an", " image", " of", " in", " 2019", " a"]
+    tok = WordTokenizer(pieces)
+    regex = re.compile(vlrm.Config.bad_phrases)
+    # "an image of a green circle in 2019</s>" ; "a green circle a green circle</s>"
+    seqs = torch.tensor([[4, 5, 6, 9, 2, 3, 7, 8, 0], [1, 2, 3, 9, 2, 3, 0, 0, 0]])
+    mask = torch.tensor([[1.0] * 9, [1.0] * 7 + [0.0] * 2])
+    bad, repeat = vlrm.penalties(seqs, mask, tok, regex, ngram=3)
+    assert bad[0].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 0]  # "an image of" ends at 'of', the year at '2019'
+    assert repeat[1].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0]  # the second "a green circle" completes at 'circle'
+    assert repeat[0].sum() == 0 and bad[1].sum() == 0
+
+
+def test_repeat_penalty_needs_the_whole_ngram():
+    """'green circle' comes back, but no word 3-gram does: ngram=3 charges nothing, ngram=2 the second 'circle'."""
+    tok = WordTokenizer(["</s>", "a", " green", " circle", " and"])
+    seqs = torch.tensor([[1, 2, 3, 4, 2, 3, 0]])  # "a green circle and green circle</s>"
+    mask, regex = torch.ones(1, 7), re.compile(vlrm.Config.bad_phrases)
+    assert vlrm.penalties(seqs, mask, tok, regex, ngram=3)[1].sum() == 0
+    assert vlrm.penalties(seqs, mask, tok, regex, ngram=2)[1].tolist() == [[0, 0, 0, 0, 0, 1, 0]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts and log-probs: the update sees the sampler's own distribution
+def test_rollout_is_pure_sampling(world, policy):
+    """The update's log-probs must be those of the distribution that drew the samples: compare with
+    generate()'s own per-step scores (no top-k, no min length, nothing warped)."""
+    model, _ = policy
+    px = shapes.pixel_values(world.images("test")[:4])
+    with torch.no_grad():
+        prefix = vlrm.soft_prefix(model, model.vision_model(px).last_hidden_state)
+        embeds = vlrm._prompt(model, prefix)
+        torch.manual_seed(3)
+        out = model.language_model.generate(inputs_embeds=embeds, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                            max_new_tokens=8, output_scores=True, return_dict_in_generate=True,
+                                            pad_token_id=0, eos_token_id=1)
+        torch.manual_seed(3)
+        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=8)
+        assert torch.equal(tokens, out.sequences)
+        scores = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        hidden = vlrm.caption_states(model, prefix, tokens)
+        ours = hidden @ model.language_model.get_output_embeddings().weight.T
+        ours = ours.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    assert torch.allclose(scores * mask, ours * mask, atol=1e-4)
+
+
+def test_rollout_mask_covers_the_eos_and_nothing_after(world, policy):
+    model, _ = policy
+    eos = model.config.text_config.eos_token_id
+    _, tokens, mask = sampled_batch(world, model, 8, max_new_tokens=12)
+    ended = (tokens == eos).any(1)
+    assert ended.any()
+    for row, m, done in zip(tokens, mask, ended):
+        n = int((row == eos).nonzero()[0]) + 1 if done else len(row)  # up to and including the first EOS
+        assert m.tolist() == [1.0] * n + [0.0] * (len(row) - n)
+
+
+def test_logprobs_match_blip2_logits(world, policy):
+    model, _ = policy
+    px = shapes.pixel_values(world.images("test")[:4])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        prefix = vlrm.soft_prefix(model, model.vision_model(px).last_hidden_state)
+        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=12)
+        hidden = vlrm.caption_states(model, prefix, tokens)
+        W = model.language_model.get_output_embeddings().weight
+        ours = vlrm.kernels.fused_logprob(hidden.reshape(-1, hidden.shape[-1]), W, tokens.reshape(-1)).view_as(mask)
+        # the library's own forward: image placeholder tokens + BOS + caption
+        q = model.config.num_query_tokens
+        ids = torch.cat([torch.full((4, q), model.config.image_token_index), torch.ones(4, 1, dtype=torch.long),
+                         tokens], 1)
+        logits = model(pixel_values=px, input_ids=ids).logits[:, q:-1]
+        theirs = logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    assert torch.allclose(ours * mask, theirs * mask, atol=1e-4)
+    assert mask[:, 0].all() and (mask.sum(1) >= 1).all()
+
+
+def test_trainable_set_is_what_the_authors_released(world, policy):
+    model, _ = policy
+    names = set(vlrm.trainable_parameters(model))
+    assert "query_tokens" in names and any(n.startswith("qformer.") for n in names)
+    assert {"language_projection.weight", "language_projection.bias"} <= names
+    assert not any(n.startswith(("vision_model.", "language_model.")) for n in names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The advantage and the losses of steps 2 and 3
+def test_a2c_step_raises_logprob_of_positive_advantage(world):
+    torch.manual_seed(0)
+    model, _ = vlrm.load_policy(world.path("captioner"))
+    params = vlrm.trainable_parameters(model)
+    model.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    px = shapes.pixel_values(world.images("test")[:8])
+    with torch.no_grad():
+        image_embeds = model.vision_model(px).last_hidden_state
+        tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=10)
+    W = model.language_model.get_output_embeddings().weight
+    returns = torch.tensor([1.0, 0.0] * 4)[:, None].expand_as(mask) * mask  # even captions good, odd neutral
+    advantages = vlrm.scaled_advantages(returns, torch.zeros_like(returns), mask)  # b = 0: positive on the even
+
+    def seq_logp():
+        hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
+        logp = vlrm.kernels.fused_logprob(hidden[mask.bool()], W, tokens[mask.bool()])
+        return torch.zeros_like(mask).masked_scatter(mask.bool(), logp).sum(1)
+
+    before = seq_logp().detach()
+    opt = torch.optim.SGD(params.values(), lr=0.01)  # small: the first-order effect dominates
+    hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
+    vlrm.actor_loss(hidden, tokens, mask, advantages, W, 0.0, mask.sum())["loss"].backward()
+    assert all(p.grad is not None for p in params.values()) and W.grad is None
+    opt.step()
+    change = seq_logp().detach() - before
+    assert change[0::2].sum() > 0  # the gradient of sum(A * log pi) raises the good samples' log-prob
+    assert change[0::2].sum() > change[1::2].sum()
+
+
+def test_advantages_use_the_critic_from_before_its_update(world_root, world, tmp_path, monkeypatch):
+    """Design choice 1: each step's advantage A = R - V takes V before step 2 fits the value head to these
+    returns: the baseline handed to scaled_advantages is the very V that step 2's loss then regresses."""
+    monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
+    calls, scaled_advantages, critic_loss = [], vlrm.scaled_advantages, vlrm.critic_loss
+
+    def spy_advantages(returns, baseline, *args):
+        calls.append(("advantages", baseline.clone()))
+        return scaled_advantages(returns, baseline, *args)
+
+    def spy_critic(values, *args):
+        calls.append(("critic", values.detach().clone()))
+        return critic_loss(values, *args)
+    monkeypatch.setattr(vlrm, "scaled_advantages", spy_advantages)
+    monkeypatch.setattr(vlrm, "critic_loss", spy_critic)
+    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "r", 2, "--kl-coef", "0")))
+    assert [what for what, _ in calls] == ["advantages", "critic"] * 2
+    for (_, baseline), (_, values) in zip(calls[0::2], calls[1::2]):
+        assert torch.equal(baseline, values)
+
+
+def test_advantages_are_scaled_by_their_std_not_centred():
+    """Design choice 6: A = (R - b) / std(R - b), not centred (b is the baseline): with b = 0, A = R / std(R)."""
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    returns = (1 + torch.rand(mask.shape)) * mask  # all positive
+    advantages = vlrm.scaled_advantages(returns, torch.zeros_like(returns), mask)
+    valid = mask.bool()
+    std = (returns[valid] - returns[valid].mean()).pow(2).mean().add(1e-8).sqrt()
+    assert torch.allclose(advantages[valid], returns[valid] / std) and (advantages[~valid] == 0).all()
+
+
+def test_actor_loss_subtracts_the_entropy_bonus(world, policy):
+    model, _ = policy
+    prefix, tokens, mask = sampled_batch(world, model, 4, max_new_tokens=8)
+    with torch.no_grad():
+        hidden = vlrm.caption_states(model, prefix, tokens)
+    W = model.language_model.get_output_embeddings().weight
+    out = vlrm.actor_loss(hidden, tokens, mask, torch.randn(mask.shape) * mask, W, 0.5, mask.sum())
+    assert out["entropy"] > 0
+    assert torch.allclose(out["loss"], out["policy"] - 0.5 * out["entropy"])  # a bonus: maximised, not minimised
+
+
+def test_kl_penalty_measures_the_move_away_from_the_base(world):
+    """frozen_base copies what is trained and shares what is frozen; the log ratio is 0 until the policy
+    moves, then nonzero on the caption tokens and 0 after EOS, while the base stays where it was."""
+    torch.manual_seed(0)
+    model, _ = vlrm.load_policy(world.path("captioner"))
+    base = vlrm.frozen_base(model)
+    assert base.language_model is model.language_model and base.vision_model is model.vision_model
+    assert base.qformer is not model.qformer and not any(p.requires_grad for p in base.parameters())
+    px = shapes.pixel_values(world.images("test")[:4])
+    W = model.language_model.get_output_embeddings().weight
+    with torch.no_grad():
+        image_embeds = model.vision_model(px).last_hidden_state
+        tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=10)
+
+        def ratio():
+            hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
+            return vlrm.log_ratio_to_base(base, image_embeds, hidden, tokens, mask, W)
+        assert ratio().abs().max() < 1e-5
+        model.language_projection.weight.add_(torch.randn_like(model.language_projection.weight))  # the policy moves
+        moved, valid = ratio(), mask.bool()
+    assert moved[valid].abs().mean() > 0.01 and (moved[~valid] == 0).all()
+    assert not torch.equal(base.language_projection.weight, model.language_projection.weight)
+
+
+def test_kl_penalty_is_charged_not_paid(world_root, world, tmp_path, monkeypatch):
+    """Every sampled token pays kl_coef * (log pi - log pi_base): with a log ratio of 1 and no other
+    penalty, the penalty handed to returns_to_go is +kl_coef on every position."""
+    monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
+    monkeypatch.setattr(vlrm, "penalties", lambda tokens, mask, *a: (torch.zeros_like(mask), torch.zeros_like(mask)))
+    monkeypatch.setattr(vlrm, "log_ratio_to_base", lambda base, embeds, hidden, tokens, mask, W: torch.ones_like(mask))
+    seen, returns_to_go = [], vlrm.returns_to_go
+
+    def spy(reward, penalty, mask):
+        seen.append(penalty.clone())
+        return returns_to_go(reward, penalty, mask)
+    monkeypatch.setattr(vlrm, "returns_to_go", spy)
+    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "r", 1, "--kl-coef", "0.5")))
+    assert len(seen) == 1 and torch.equal(seen[0], torch.full_like(seen[0], 0.5))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The baselines of design choice 9
+def test_leave_one_out_baselines_are_exact():
+    """Two images, K = 3 captions each: caption j's baseline is the mean whole-caption return R(t_1) of
+    the other two captions of its image, at every valid token."""
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    first = torch.tensor([3.0, 6.0, 9.0, -1.0, 1.0, 3.0])
+    returns = (first[:, None] - torch.tensor([0.0, 0.5, 1.0])) * mask  # later tokens: penalties removed
+    b = vlrm.leave_one_out_baseline(returns, mask, 3)
+    expected = torch.tensor([7.5, 6.0, 4.5, 2.0, 1.0, 0.0])[:, None] * mask
+    assert torch.equal(b, expected)
+
+
+def test_identical_returns_in_a_group_give_zero_rloo_advantage():
+    mask = torch.tensor([[1.0, 1, 1]] * 4)
+    returns = torch.tensor([2.0, 2.0, -5.0, -5.0])[:, None] * mask  # two images x two identical captions
+    advantages = vlrm.scaled_advantages(returns, vlrm.leave_one_out_baseline(returns, mask, 2), mask)
+    assert torch.equal(advantages, torch.zeros_like(advantages))
+
+
+def test_batch_baseline_is_the_batch_mean_of_whole_caption_returns():
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 0, 0]])
+    returns = torch.tensor([[1.0, 0.5, 0], [4.0, 4.0, 3.0], [-2.0, 0, 0]])
+    b = vlrm.batch_baseline(returns, mask)
+    assert torch.allclose(b, torch.tensor(1.0) * mask)  # (1 + 4 - 2) / 3, at every valid token
+    assert vlrm.explained_variance(b, returns, mask) == pytest.approx(0.0, abs=1e-6)  # a constant foresees nothing
+
+
+# ====================================================================================================
+# The machinery: the world, loading, running, checkpoints, errors, the paper setting, torchrun
 
 # ----------------------------------------------------------------------------------------------------
 # The world: scenes and captions
@@ -130,7 +416,7 @@ def test_pixel_values_match_the_saved_processor(world):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The world on disk: loaders of the paper setting, manifest, corruption
+# The world on disk: loaders of the paper setting, manifest, corruption, the shipped world
 def test_models_round_trip_through_the_paper_loaders(world, tmp_path):
     px = shapes.pixel_values(world.images("test")[:3])
     policy, processor = vlrm.load_policy(world.path("captioner"))
@@ -235,6 +521,47 @@ def test_world_builds_leave_no_temp_folders(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".test-seed0.lock", "test-seed0"]
 
 
+def test_shipped_world_loads_and_checks_every_file(tmp_path):
+    """The default world ships in world/: the manifest lists every shipped model file with its SHA-256,
+    the scenes unpack and render into the cache with the build's own checksums, and world/ is not written."""
+    ship = shapes.SHIPPED / "default-seed0"
+    stamps = {f: f.stat().st_mtime_ns for f in ship.rglob("*")}
+    world = shapes.load_world("default", root=tmp_path, shipped=shapes.SHIPPED, quiet=True)
+    assert world.root == ship and world.data == tmp_path / "shipped-default-seed0"
+    files = json.loads((ship / "manifest.json").read_text())["files"]
+    shipped_models = {str(f.relative_to(ship)) for f in ship.rglob("*") if f.is_file() and f.parent != ship}
+    assert shipped_models == {rel for rel in files if shapes.is_model_file(rel)}  # no file goes unchecked
+    assert set(files) - shipped_models == {"scenes.json", "images_train.npy", "images_val.npy", "images_test.npy"}
+    assert shapes._manifest_problem(world.root, world.config, data=world.data) is None  # all of them, rendered too
+    assert {f: f.stat().st_mtime_ns for f in ship.rglob("*")} == stamps
+    assert sum(f.stat().st_size for f in ship.rglob("*")) < 25e6  # the size it ships at
+    policy, _ = vlrm.load_policy(world.path("captioner"))  # fp16 files, fp32 models
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+
+
+def test_a_corrupt_shipped_world_is_built_into_the_cache(world, tmp_path, capsys):
+    """The tiny test world stands in for the shipped one. Shipped intact: its images, rendered from its
+    scenes, equal the fresh build's. A file that fails its checksum: a message, the world built into the
+    cache, the shipped copy left as it is."""
+    shipped, cache = tmp_path / "shipped", tmp_path / "cache"
+    ship = shapes.ship_world(world, shipped)
+    intact = shapes.load_world("test", root=cache, shipped=shipped, quiet=True)
+    assert intact.root == ship
+    for split in ("train", "val", "test"):
+        assert np.array_equal(intact.images(split), world.images(split))
+    weights = ship / "clip" / "open_clip_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    stamps = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in ship.rglob("*") if f.is_file()}
+    capsys.readouterr()
+    built = shapes.load_world("test", root=cache, shipped=shipped, quiet=True)
+    err = capsys.readouterr().err
+    assert "corrupt: clip/open_clip_model.safetensors" in err and "left as it is" in err
+    assert built.root == cache / "test-seed0" and shapes._manifest_problem(built.root, built.config) is None
+    assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in ship.rglob("*") if f.is_file()} == stamps
+
+
 def test_world_report_shows_the_gap(world):
     """Relaxed form of the default world's targets: the tiny world is trained for seconds only."""
     r = world.report()
@@ -250,197 +577,16 @@ def test_world_report_shows_the_gap(world):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The method: returns, penalties, log-probs, one A2C step
-def test_returns_to_go_with_gamma_one():
-    reward = torch.tensor([1.0, 2.0])
-    penalty = torch.tensor([[0.0, 0.5, 0.0, 0.25], [1.0, 0.0, 0.0, 9.0]])
-    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])  # second caption: 3 tokens, the 9 is past its EOS
-    expected = torch.tensor([[1 - 0.75, 1 - 0.75, 1 - 0.25, 1 - 0.25], [2 - 1.0, 2.0, 2.0, 0.0]])
-    assert torch.allclose(vlrm.returns_to_go(reward, penalty, mask), expected)
-
-
-class WordTokenizer:
-    """Hand-made tokenizer: one token per word piece, EOS id 0."""
-    eos_token_id = 0
-
-    def __init__(self, pieces):
-        self.pieces = pieces
-
-    def batch_decode(self, ids):
-        return [self.pieces[int(i[0])] for i in ids]
-
-
-def test_penalties_land_on_the_right_tokens():
-    pieces = ["</s>", "a", " green", " circle", "an", " image", " of", " in", " 2019", " a"]
-    tok = WordTokenizer(pieces)
-    regex = re.compile(vlrm.Config.bad_phrases)
-    # "an image of a green circle in 2019</s>" ; "a green circle a green circle</s>"
-    seqs = torch.tensor([[4, 5, 6, 9, 2, 3, 7, 8, 0], [1, 2, 3, 9, 2, 3, 0, 0, 0]])
-    mask = torch.tensor([[1.0] * 9, [1.0] * 7 + [0.0] * 2])
-    bad, repeat = vlrm.penalties(seqs, mask, tok, regex, ngram=3)
-    assert bad[0].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 0]  # "an image of" ends at 'of', the year at '2019'
-    assert repeat[1].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0]  # the second "a green circle" completes at 'circle'
-    assert repeat[0].sum() == 0 and bad[1].sum() == 0
-
-
-@pytest.fixture(scope="module")
-def policy(world):
-    torch.manual_seed(0)
-    model, processor = vlrm.load_policy(world.path("captioner"))
-    return model, processor
-
-
-def sampled_batch(world, model, n, max_new_tokens):
-    """Pure samples for the first n test images, seed 1: soft prefix (B, Q, H), tokens and mask (B, T)."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        prefix = vlrm.soft_prefix(model, model.vision_model(shapes.pixel_values(world.images("test")[:n])).last_hidden_state)
-        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=max_new_tokens)
-    return prefix, tokens, mask
-
-
-def zero_value_head(model) -> vlrm.ValueHead:
-    """A value head that says V = 0 everywhere, so that the advantages are R / std(R)."""
-    head = vlrm.ValueHead(model.config.text_config.word_embed_proj_dim)
-    torch.nn.init.zeros_(head.net[-1].weight)
-    torch.nn.init.zeros_(head.net[-1].bias)
-    return head
-
-
-def test_logprobs_match_blip2_logits(world, policy):
-    model, _ = policy
-    px = shapes.pixel_values(world.images("test")[:4])
-    torch.manual_seed(1)
-    with torch.no_grad():
-        prefix = vlrm.soft_prefix(model, model.vision_model(px).last_hidden_state)
-        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=12)
-        hidden = vlrm.caption_states(model, prefix, tokens)
-        W = model.language_model.get_output_embeddings().weight
-        ours = vlrm.kernels.fused_logprob(hidden.reshape(-1, hidden.shape[-1]), W, tokens.reshape(-1)).view_as(mask)
-        # the library's own forward: image placeholder tokens + BOS + caption
-        q = model.config.num_query_tokens
-        ids = torch.cat([torch.full((4, q), model.config.image_token_index), torch.ones(4, 1, dtype=torch.long),
-                         tokens], 1)
-        logits = model(pixel_values=px, input_ids=ids).logits[:, q:-1]
-        theirs = logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
-    assert torch.allclose(ours * mask, theirs * mask, atol=1e-4)
-    assert mask[:, 0].all() and (mask.sum(1) >= 1).all()
-
-
-def test_rollout_is_pure_sampling(world, policy):
-    """The update's log-probs must be those of the distribution that drew the samples: compare with
-    generate()'s own per-step scores (no top-k, no min length, nothing warped)."""
-    model, _ = policy
-    px = shapes.pixel_values(world.images("test")[:4])
-    with torch.no_grad():
-        prefix = vlrm.soft_prefix(model, model.vision_model(px).last_hidden_state)
-        embeds = vlrm._prompt(model, prefix)
-        torch.manual_seed(3)
-        out = model.language_model.generate(inputs_embeds=embeds, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                            max_new_tokens=8, output_scores=True, return_dict_in_generate=True,
-                                            pad_token_id=0, eos_token_id=1)
-        torch.manual_seed(3)
-        tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=8)
-        assert torch.equal(tokens, out.sequences)
-        scores = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
-        hidden = vlrm.caption_states(model, prefix, tokens)
-        ours = hidden @ model.language_model.get_output_embeddings().weight.T
-        ours = ours.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
-    assert torch.allclose(scores * mask, ours * mask, atol=1e-4)
-
-
-def test_a2c_step_raises_logprob_of_positive_advantage(world):
-    torch.manual_seed(0)
-    model, _ = vlrm.load_policy(world.path("captioner"))
-    params = vlrm.trainable_parameters(model)
-    model.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    px = shapes.pixel_values(world.images("test")[:8])
-    with torch.no_grad():
-        image_embeds = model.vision_model(px).last_hidden_state
-        tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=10)
-    W = model.language_model.get_output_embeddings().weight
-    returns = torch.tensor([1.0, 0.0] * 4)[:, None].expand_as(mask) * mask  # even captions good, odd neutral
-    value_head = zero_value_head(model)  # V = 0, so A = R / std(R): positive on the even captions
-
-    def seq_logp():
-        hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
-        logp = vlrm.kernels.fused_logprob(hidden[mask.bool()], W, tokens[mask.bool()])
-        return torch.zeros_like(mask).masked_scatter(mask.bool(), logp).sum(1)
-
-    before = seq_logp().detach()
-    opt = torch.optim.SGD(params.values(), lr=0.01)  # small: the first-order effect dominates
-    hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
-    vlrm.a2c_losses(hidden, value_head, tokens, mask, returns, W, ent_coef=0.0)["actor"].backward()
-    assert all(p.grad is not None for p in params.values()) and W.grad is None
-    opt.step()
-    change = seq_logp().detach() - before
-    assert change[0::2].sum() > 0  # the gradient of sum(A * log pi) raises the good samples' log-prob
-    assert change[0::2].sum() > change[1::2].sum()
-
-
-def test_kl_penalty_measures_the_move_away_from_the_base(world):
-    """frozen_base copies what is trained and shares what is frozen; the log ratio is 0 until the policy
-    moves, then nonzero on the caption tokens and 0 after EOS, while the base stays where it was."""
-    torch.manual_seed(0)
-    model, _ = vlrm.load_policy(world.path("captioner"))
-    base = vlrm.frozen_base(model)
-    assert base.language_model is model.language_model and base.vision_model is model.vision_model
-    assert base.qformer is not model.qformer and not any(p.requires_grad for p in base.parameters())
-    px = shapes.pixel_values(world.images("test")[:4])
-    W = model.language_model.get_output_embeddings().weight
-    with torch.no_grad():
-        image_embeds = model.vision_model(px).last_hidden_state
-        tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=10)
-
-        def ratio():
-            hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
-            return vlrm.log_ratio_to_base(base, image_embeds, hidden, tokens, mask, W)
-        assert ratio().abs().max() < 1e-5
-        model.language_projection.weight.add_(torch.randn_like(model.language_projection.weight))  # the policy moves
-        moved, valid = ratio(), mask.bool()
-    assert moved[valid].abs().mean() > 0.01 and (moved[~valid] == 0).all()
-    assert not torch.equal(base.language_projection.weight, model.language_projection.weight)
-
-
-def test_trainable_set_is_what_the_authors_released(world, policy):
-    model, _ = policy
-    names = set(vlrm.trainable_parameters(model))
-    assert "query_tokens" in names and any(n.startswith("qformer.") for n in names)
-    assert {"language_projection.weight", "language_projection.bias"} <= names
-    assert not any(n.startswith(("vision_model.", "language_model.")) for n in names)
-
-
-def test_bf16_policy_keeps_fp32_trainable_weights(world):
-    """The paper preset loads the policy in bf16; what is trained must stay fp32 (found on a GPU:
-    a bf16 Q-Former met the fp32 projection with a dtype error)."""
-    model, _ = vlrm.load_policy(world.path("captioner"), dtype=torch.bfloat16)
-    assert all(p.dtype == torch.float32 for p in vlrm.trainable_parameters(model).values())
-    assert model.language_model.dtype == torch.bfloat16
-    embeds = model.vision_model(torch.zeros(2, 3, 48, 48, dtype=torch.bfloat16)).last_hidden_state
-    assert vlrm.soft_prefix(model, embeds).dtype == torch.bfloat16  # the frozen LM's dtype
-    pixels = torch.zeros(2, 3, 48, 48, dtype=torch.bfloat16)
-    assert model.generate(pixel_values=pixels, max_new_tokens=3).shape[0] == 2  # eval.py --bf16 captions so
-
-
-# ----------------------------------------------------------------------------------------------------
-# Running it: smoke run, checkpoints, resume, bad input
-def train_args(world_root, tmp, steps, *extra):
-    return ["--world", "test", "--world-root", str(world_root), "--steps", str(steps), "--batch-size", "8", "--max-new-tokens", "12",
-            "--run-dir", str(tmp), "--log-every", "2", "--val-every", "3", "--val-size", "16", "--save-every", "2",
-            "--value-warmup", "1", "--kernels", "torch", *extra]
-
-
+# Running it: smoke run, checkpoints, resume, stop, bad input
 def test_smoke_run_writes_checkpoint_and_metrics(world_root, world, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "vlrm.py", *train_args(world_root, run, 4)], cwd=REPO, env=run_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    train_lines = [l for l in lines if "reward/total" in l]
+    train_lines = [l for l in lines if "reward/sequence" in l]
     assert [l["step"] for l in train_lines] == [2, 4]
-    for key in ("reward/clip", "reward/itm", "reward/ref", "losses/value", "losses/policy",
+    for key in ("reward/clip", "reward/itm", "reward/ref", "charts/return", "losses/value", "losses/policy",
                 "charts/explained_variance", "charts/approx_kl", "charts/caption_len", "perf/steps_per_s"):
         assert all(np.isfinite(l[key]) for l in train_lines), key
     assert any("val/judge_r1" in l for l in lines)
@@ -456,7 +602,8 @@ def test_smoke_run_writes_checkpoint_and_metrics(world_root, world, tmp_path):
     assert json.loads(json.dumps(torch.load(ckpt / "trainer.pt", weights_only=False)["config"]))["steps"] == 4
 
 
-@pytest.mark.parametrize("extra", [("--kl-coef", "0"), ()])  # the preset's KL on: the base must stay the start's
+# the preset's KL on: the base must stay the start's; rloo: no critic in the checkpoint, K captions per image
+@pytest.mark.parametrize("extra", [("--kl-coef", "0"), (), ("--baseline", "rloo", "--samples-per-image", "2")])
 def test_resume_matches_an_uninterrupted_run(world_root, world, tmp_path, monkeypatch, capsys, extra):
     monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
     vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "full", 4, *extra)))
@@ -468,7 +615,7 @@ def test_resume_matches_an_uninterrupted_run(world_root, world, tmp_path, monkey
     cut = torch.load(tmp_path / "cut/checkpoint/vlrm-trainable.pt")
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
     steps = [json.loads(l)["step"] for l in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()
-             if "reward/total" in l]
+             if "reward/sequence" in l]
     assert steps == [2, 4]  # nothing logged twice
 
 
@@ -479,6 +626,70 @@ def test_resume_with_other_settings_warns(world_root, world, tmp_path, monkeypat
     capsys.readouterr()
     vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "r", 3, "--resume")))
     assert "differ from the checkpoint's: kl_coef 0.0 -> 0.05;" in capsys.readouterr().out
+
+
+def test_step_sampler_gives_ranks_disjoint_slices_and_resumes_exactly():
+    n, bs, steps, ranks = 10, 2, 7, 2  # 28 draws: crosses two epoch boundaries
+    runs = [list(vlrm.StepSampler(n, bs, 0, steps, seed=0, rank=r, world_size=ranks)) for r in range(ranks)]
+    order = [i for s in range(steps) for r in range(ranks) for i in runs[r][s]]  # the combined batches, in order
+    assert sorted(order[:n]) == sorted(order[n:2 * n]) == list(range(n))  # each epoch: every image once
+    for start in range(steps):
+        for r in range(ranks):
+            assert list(vlrm.StepSampler(n, bs, start, steps, seed=0, rank=r, world_size=ranks)) == runs[r][start:]
+
+
+def test_a_stop_signal_saves_and_stops(world_root, world, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during step 1 (no checkpoint due before step 100): the step finishes, is saved, the run stops."""
+    monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
+    rollout = vlrm.rollout
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # train()'s handler only sets the stop flag
+        return rollout(*args, **kwargs)
+    monkeypatch.setattr(vlrm, "rollout", interrupted)
+    run = tmp_path / "r"
+    vlrm.train(vlrm.parse_config(train_args(world_root, run, 4, "--save-every", "100", "--kl-coef", "0")))
+    assert "interrupted: checkpoint saved at step 1" in capsys.readouterr().out
+    assert torch.load(run / "checkpoint/trainer.pt", weights_only=False)["step"] == 1
+
+
+def test_skipped_steps_still_save_and_stop(world_root, world, tmp_path, capsys):
+    """A batch with no readable image skips its update, not the step's bookkeeping: the last step's
+    checkpoint is written even so, and train() hands the signal handlers back."""
+    listing = tmp_path / "broken.txt"
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(b"not an image")
+    listing.write_text("".join(f"{i}.png\n" for i in range(4)))
+    handler = signal.getsignal(signal.SIGINT)
+    vlrm.train(vlrm.parse_config(["--preset", "paper", "--policy", world.path("captioner"), "--itm", world.path("itm"),
+                                  "--ref-lm", "policy", "--clip", world.path("clip"), "--images", str(listing),
+                                  "--device", "cpu", "--steps", "2", "--batch-size", "2", "--num-workers", "0",
+                                  "--run-dir", str(tmp_path / "run"), "--kernels", "torch"]))
+    assert capsys.readouterr().out.count("no readable image in the batch") == 2
+    trainer = torch.load(tmp_path / "run/checkpoint/trainer.pt", weights_only=False)
+    assert trainer["step"] == 2 and trainer["skipped_images"] == 4
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_checkpoint_writes_survive_leftovers(world, tmp_path):
+    """A save killed while deleting checkpoint.old leaves it behind: the next save must still succeed."""
+    policy, processor = vlrm.load_policy(world.path("captioner"))
+    head = vlrm.ValueHead(policy.config.text_config.word_embed_proj_dim)
+    opt = torch.optim.AdamW(head.parameters())
+    cfg = vlrm.parse_config([])
+    vlrm.save_checkpoint(tmp_path, policy, processor, head, opt, opt, 1, cfg, [vlrm.rng_state()])
+    (tmp_path / "checkpoint.old" / "policy").mkdir(parents=True)  # beside the complete checkpoint/
+    (tmp_path / "checkpoint.old" / "policy" / "stale").write_text("left over")
+    vlrm.save_checkpoint(tmp_path, policy, processor, head, opt, opt, 2, cfg, [vlrm.rng_state()])
+    assert torch.load(vlrm.find_checkpoint(tmp_path) / "trainer.pt", weights_only=False)["step"] == 2
+    assert not (tmp_path / "checkpoint.old").exists() and not (tmp_path / "checkpoint.tmp").exists()
+
+
+def test_resume_drops_metric_lines_past_the_checkpoint_and_torn_ones(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 10}\n{"step": 20}\n{"step": 30}\n{"step": 3')  # killed mid-line
+    vlrm._truncate_metrics(log, 20)
+    assert log.read_text() == '{"step": 10}\n{"step": 20}\n'
 
 
 def test_presets_fill_only_what_is_not_given():
@@ -501,6 +712,9 @@ def test_presets_fill_only_what_is_not_given():
     (["--num-workers", "-1"], "--num-workers must be 0"),
     (["--itm-max-length", "0"], "--itm-max-length must be a positive integer"),
     (["--w-clip", "0", "--w-itm", "0", "--w-ref", "0"], "no reward to learn from"),
+    (["--baseline", "rloo"], "--baseline rloo needs --samples-per-image 2 or more"),
+    (["--baseline", "critic"], "--baseline must be one of value, rloo, batch"),
+    (["--batch-size", "30", "--samples-per-image", "4"], "must be a multiple of --samples-per-image 4"),
 ])
 def test_bad_values_exit_2(args, message):
     proc = subprocess.run([sys.executable, "vlrm.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -526,7 +740,7 @@ def test_unknown_model_and_checkpoint_errors(world_root, world, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The paper setting: real architecture, any folder of images, many ranks
+# The paper setting: real architecture, bf16, any folder of images, many ranks
 def test_paper_architecture_trains_what_the_authors_released():
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(vlrm.blip2_opt_2_7b_config())
@@ -534,6 +748,18 @@ def test_paper_architecture_trains_what_the_authors_released():
     assert sum(p.numel() for p in params.values()) == 107_130_880  # the released file's parameter count
     assert {n.split(".")[0] for n in params} == {"query_tokens", "qformer", "language_projection"}
     assert model.query_tokens.shape == (1, 32, 768)
+
+
+def test_bf16_policy_keeps_fp32_trainable_weights(world):
+    """The paper preset loads the policy in bf16; what is trained must stay fp32 (found on a GPU:
+    a bf16 Q-Former met the fp32 projection with a dtype error)."""
+    model, _ = vlrm.load_policy(world.path("captioner"), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in vlrm.trainable_parameters(model).values())
+    assert model.language_model.dtype == torch.bfloat16
+    embeds = model.vision_model(torch.zeros(2, 3, 48, 48, dtype=torch.bfloat16)).last_hidden_state
+    assert vlrm.soft_prefix(model, embeds).dtype == torch.bfloat16  # the frozen LM's dtype
+    pixels = torch.zeros(2, 3, 48, 48, dtype=torch.bfloat16)
+    assert model.generate(pixel_values=pixels, max_new_tokens=3).shape[0] == 2  # eval.py --bf16 captions so
 
 
 def test_paper_preset_on_a_folder_of_images(world_root, world, tmp_path):
@@ -591,47 +817,9 @@ def test_image_list_paths_start_from_the_list_file(tmp_path):
         vlrm.ImageFiles(str(listing), 16)
 
 
-def test_skipped_steps_still_save_and_stop(world_root, world, tmp_path, capsys):
-    """A batch with no readable image skips its update, not the step's bookkeeping: the last step's
-    checkpoint is written even so, and train() hands the signal handlers back."""
-    listing = tmp_path / "broken.txt"
-    for i in range(4):
-        (tmp_path / f"{i}.png").write_bytes(b"not an image")
-    listing.write_text("".join(f"{i}.png\n" for i in range(4)))
-    handler = signal.getsignal(signal.SIGINT)
-    vlrm.train(vlrm.parse_config(["--preset", "paper", "--policy", world.path("captioner"), "--itm", world.path("itm"),
-                                  "--ref-lm", "policy", "--clip", world.path("clip"), "--images", str(listing),
-                                  "--device", "cpu", "--steps", "2", "--batch-size", "2", "--num-workers", "0",
-                                  "--run-dir", str(tmp_path / "run"), "--kernels", "torch"]))
-    assert capsys.readouterr().out.count("no readable image in the batch") == 2
-    trainer = torch.load(tmp_path / "run/checkpoint/trainer.pt", weights_only=False)
-    assert trainer["step"] == 2 and trainer["skipped_images"] == 4
-    assert signal.getsignal(signal.SIGINT) is handler
-
-
-def test_checkpoint_writes_survive_leftovers(world, tmp_path):
-    """A save killed while deleting checkpoint.old leaves it behind: the next save must still succeed."""
-    policy, processor = vlrm.load_policy(world.path("captioner"))
-    head = vlrm.ValueHead(policy.config.text_config.word_embed_proj_dim)
-    opt = torch.optim.AdamW(head.parameters())
-    cfg = vlrm.parse_config([])
-    vlrm.save_checkpoint(tmp_path, policy, processor, head, opt, opt, 1, cfg, [vlrm.rng_state()])
-    (tmp_path / "checkpoint.old" / "policy").mkdir(parents=True)  # beside the complete checkpoint/
-    (tmp_path / "checkpoint.old" / "policy" / "stale").write_text("left over")
-    vlrm.save_checkpoint(tmp_path, policy, processor, head, opt, opt, 2, cfg, [vlrm.rng_state()])
-    assert torch.load(vlrm.find_checkpoint(tmp_path) / "trainer.pt", weights_only=False)["step"] == 2
-    assert not (tmp_path / "checkpoint.old").exists() and not (tmp_path / "checkpoint.tmp").exists()
-
-
-def test_resume_drops_metric_lines_past_the_checkpoint_and_torn_ones(tmp_path):
-    log = tmp_path / "metrics.jsonl"
-    log.write_text('{"step": 10}\n{"step": 20}\n{"step": 30}\n{"step": 3')  # killed mid-line
-    vlrm._truncate_metrics(log, 20)
-    assert log.read_text() == '{"step": 10}\n{"step": 20}\n'
-
-
-def _rank_losses(rank, world_size, port, captioner, out):
-    """One rank of the gloo test: its half of a fixed batch, global normalisation, summed gradients."""
+def _rank_losses(rank, world_size, port, captioner, out, baseline):
+    """One rank of the gloo test: its half of a fixed batch, global normalisation, summed gradients.
+    rloo: the 8 captions are 4 images x 2 samples, so each rank holds whole groups."""
     import torch.distributed as dist
     if world_size > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -651,23 +839,34 @@ def _rank_losses(rank, world_size, port, captioner, out):
     part = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
     W = model.language_model.get_output_embeddings().weight
     hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, embeds[part]), tokens[part])
-    losses = vlrm.a2c_losses(hidden, value_head, tokens[part], mask[part], returns[part], W, 0.01)
-    (losses["actor"] + losses["value"]).backward()
+    mask, returns, n_valid = mask[part], returns[part], vlrm.all_sum(mask[part].sum())
+    values = value_head(hidden.detach())
+    if baseline == "value":
+        b = values.detach()
+    elif baseline == "rloo":
+        b = vlrm.leave_one_out_baseline(returns, mask, 2)
+    else:
+        b = vlrm.batch_baseline(returns, mask, vlrm.all_sum)
+    advantages = vlrm.scaled_advantages(returns, b, mask, vlrm.all_sum)
+    total = (vlrm.actor_loss(hidden, tokens[part], mask, advantages, W, 0.01, n_valid)["loss"]
+             + vlrm.critic_loss(values, returns, mask, n_valid))
+    total.backward()
     vlrm.sync_gradients(list(params.values()) + list(value_head.parameters()))
-    loss = vlrm.all_sum((losses["actor"] + losses["value"]).detach())
+    loss = vlrm.all_sum(total.detach())
     torch.save({"loss": loss, "grads": {n: p.grad for n, p in params.items()}}, f"{out}.{rank}")
     if world_size > 1:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_match_one_process_on_the_combined_batch(world, tmp_path):
+@pytest.mark.parametrize("baseline", vlrm.BASELINES)
+def test_two_gloo_ranks_match_one_process_on_the_combined_batch(world, tmp_path, baseline):
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "grads")
-    _rank_losses(0, 1, port, world.path("captioner"), out + "-single")
-    torch.multiprocessing.spawn(_rank_losses, args=(2, port, world.path("captioner"), out), nprocs=2)
+    _rank_losses(0, 1, port, world.path("captioner"), out + "-single", baseline)
+    torch.multiprocessing.spawn(_rank_losses, args=(2, port, world.path("captioner"), out, baseline), nprocs=2)
     single, ranks = torch.load(out + "-single.0"), [torch.load(f"{out}.{r}") for r in range(2)]
     for r in ranks:
         assert torch.allclose(r["loss"], single["loss"], atol=1e-5)
@@ -730,109 +929,3 @@ def test_torchrun_stop_signal_to_one_rank_stops_both_at_one_step(world_root, wor
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)["step"] == step + 2
-
-
-# ----------------------------------------------------------------------------------------------------
-# Conventions of the method and the loop, each pinned by a test (mutation testing found them unpinned:
-# a wrong sign or an off-by-one here passed every other test)
-def test_repeat_penalty_needs_the_whole_ngram():
-    """'green circle' comes back, but no word 3-gram does: ngram=3 charges nothing, ngram=2 the second 'circle'."""
-    tok = WordTokenizer(["</s>", "a", " green", " circle", " and"])
-    seqs = torch.tensor([[1, 2, 3, 4, 2, 3, 0]])  # "a green circle and green circle</s>"
-    mask, regex = torch.ones(1, 7), re.compile(vlrm.Config.bad_phrases)
-    assert vlrm.penalties(seqs, mask, tok, regex, ngram=3)[1].sum() == 0
-    assert vlrm.penalties(seqs, mask, tok, regex, ngram=2)[1].tolist() == [[0, 0, 0, 0, 0, 1, 0]]
-
-
-def test_rollout_mask_covers_the_eos_and_nothing_after(world, policy):
-    model, _ = policy
-    eos = model.config.text_config.eos_token_id
-    _, tokens, mask = sampled_batch(world, model, 8, max_new_tokens=12)
-    ended = (tokens == eos).any(1)
-    assert ended.any()
-    for row, m, done in zip(tokens, mask, ended):
-        n = int((row == eos).nonzero()[0]) + 1 if done else len(row)  # up to and including the first EOS
-        assert m.tolist() == [1.0] * n + [0.0] * (len(row) - n)
-
-
-def test_actor_loss_subtracts_the_entropy_bonus(world, policy):
-    model, _ = policy
-    prefix, tokens, mask = sampled_batch(world, model, 4, max_new_tokens=8)
-    with torch.no_grad():
-        hidden = vlrm.caption_states(model, prefix, tokens)
-    W = model.language_model.get_output_embeddings().weight
-    head = vlrm.ValueHead(model.config.text_config.word_embed_proj_dim)
-    out = vlrm.a2c_losses(hidden, head, tokens, mask, torch.randn(mask.shape) * mask, W, ent_coef=0.5)
-    assert out["entropy"] > 0
-    assert torch.allclose(out["actor"], out["policy"] - 0.5 * out["entropy"])  # a bonus: maximised, not minimised
-
-
-def test_step_sampler_gives_ranks_disjoint_slices_and_resumes_exactly():
-    n, bs, steps, ranks = 10, 2, 7, 2  # 28 draws: crosses two epoch boundaries
-    runs = [list(vlrm.StepSampler(n, bs, 0, steps, seed=0, rank=r, world_size=ranks)) for r in range(ranks)]
-    order = [i for s in range(steps) for r in range(ranks) for i in runs[r][s]]  # the combined batches, in order
-    assert sorted(order[:n]) == sorted(order[n:2 * n]) == list(range(n))  # each epoch: every image once
-    for start in range(steps):
-        for r in range(ranks):
-            assert list(vlrm.StepSampler(n, bs, start, steps, seed=0, rank=r, world_size=ranks)) == runs[r][start:]
-
-
-def test_a_stop_signal_saves_and_stops(world_root, world, tmp_path, monkeypatch, capsys):
-    """Ctrl-C during step 1 (no checkpoint due before step 100): the step finishes, is saved, the run stops."""
-    monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
-    rollout = vlrm.rollout
-
-    def interrupted(*args, **kwargs):
-        signal.raise_signal(signal.SIGINT)  # train()'s handler only sets the stop flag
-        return rollout(*args, **kwargs)
-    monkeypatch.setattr(vlrm, "rollout", interrupted)
-    run = tmp_path / "r"
-    vlrm.train(vlrm.parse_config(train_args(world_root, run, 4, "--save-every", "100", "--kl-coef", "0")))
-    assert "interrupted: checkpoint saved at step 1" in capsys.readouterr().out
-    assert torch.load(run / "checkpoint/trainer.pt", weights_only=False)["step"] == 1
-
-
-def test_kl_penalty_is_charged_not_paid(world_root, world, tmp_path, monkeypatch):
-    """Every sampled token pays kl_coef * (log pi - log pi_base): with a log ratio of 1 and no other
-    penalty, the penalty handed to returns_to_go is +kl_coef on every position."""
-    monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
-    monkeypatch.setattr(vlrm, "penalties", lambda tokens, mask, *a: (torch.zeros_like(mask), torch.zeros_like(mask)))
-    monkeypatch.setattr(vlrm, "log_ratio_to_base", lambda base, embeds, hidden, tokens, mask, W: torch.ones_like(mask))
-    seen, returns_to_go = [], vlrm.returns_to_go
-
-    def spy(reward, penalty, mask):
-        seen.append(penalty.clone())
-        return returns_to_go(reward, penalty, mask)
-    monkeypatch.setattr(vlrm, "returns_to_go", spy)
-    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "r", 1, "--kl-coef", "0.5")))
-    assert len(seen) == 1 and torch.equal(seen[0], torch.full_like(seen[0], 0.5))
-
-
-def test_advantages_use_the_critic_from_before_its_update(world_root, world, tmp_path, monkeypatch):
-    """Design choice 1: the losses of a step are computed once, before step 2 changes the value head;
-    the actor's advantage A = R - V therefore uses the V that did not see these returns."""
-    monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
-    calls, a2c_losses = [], vlrm.a2c_losses
-
-    def spy(hidden, value_head, *args):
-        calls.append([p.detach().clone() for p in value_head.parameters()])
-        return a2c_losses(hidden, value_head, *args)
-    monkeypatch.setattr(vlrm, "a2c_losses", spy)
-    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "r", 2, "--kl-coef", "0")))
-    assert len(calls) == 2  # one evaluation per step
-    assert any(not torch.equal(a, b) for a, b in zip(*calls))  # and the critic did move between them
-
-
-def test_advantages_are_scaled_by_their_std_not_centred(world, policy):
-    """Design choice 6: A = (R - V) / std, not centred (V is the baseline): with V = 0, A = R / std(R)."""
-    model, _ = policy
-    prefix, tokens, mask = sampled_batch(world, model, 4, max_new_tokens=8)
-    with torch.no_grad():
-        hidden = vlrm.caption_states(model, prefix, tokens)
-    W = model.language_model.get_output_embeddings().weight
-    head = zero_value_head(model)
-    returns = (1 + torch.rand(mask.shape)) * mask  # all positive
-    out = vlrm.a2c_losses(hidden, head, tokens, mask, returns, W, ent_coef=0.0)
-    valid = mask.bool()
-    std = (returns[valid] - returns[valid].mean()).pow(2).mean().add(1e-8).sqrt()
-    assert torch.allclose(out["policy"], -(returns[valid] / std * out["logp"]).sum() / mask.sum(), rtol=1e-4)

@@ -7,49 +7,44 @@ caption matches its image (CLIP similarity, the BLIP2-ITM match logit), plus a r
 that keeps the text natural and penalties that stop the policy from gaming those scores. No human labels.
 
 Run:
-    python vlrm.py --steps 5000                      # the miniature world (built on first use), CPU
-    python vlrm.py --steps 20 --world test           # a smoke run on the tiny test world
+    python vlrm.py --steps 5000                      # the miniature world shipped in world/, CPU
+    python vlrm.py --steps 20 --world test           # a smoke run on the tiny test world (built in a minute)
     python vlrm.py --steps 5000 --resume             # continue a killed run (same flags) where it stopped
+    python vlrm.py --baseline rloo --samples-per-image 4   # a group baseline instead of the critic
     python vlrm.py --preset paper --images DIR       # BLIP-2 OPT-2.7B on a folder of images, one GPU
     torchrun --nproc_per_node=8 vlrm.py --preset paper --images DIR
     python eval.py                                   # evaluate the base captioner and the latest run
 
+Read top to bottom: the config; the method (BLIP-2's pieces, the value head, the rewards, the penalties,
+the returns, the baselines and the losses); train(), whose loop is the three steps; then, below one
+divider, the machinery (loading, data, torchrun, checkpoints, the command line).
+
 Design choices (what the paper leaves open, and what we chose):
- 1. A2C with a learned value head, three steps per iteration: (1) sample captions and compute a return
-    for every token, (2) fit the value head to the returns, (3) policy gradient with A = R - V. The
-    advantage uses V from *before* step 2: a baseline fitted on the very returns it is subtracted from
-    would depend on the sampled action and bias the gradient.
- 2. gamma = 1, sequence rewards at the last token, penalties where they occur, so the return of token
-    k is R(t_k) = sum_j w_j * reward_j - sum_{s >= k} (w_bad * bad(s) + w_repeat * repeat(s)) (and the
-    KL penalty of choice 8, on in the shapes preset).
- 3. Rollouts are pure samples (temperature 1, no top-k/top-p, no min length, no n-gram blocking): the
-    update's log-probs must belong to the distribution that drew the samples. Repetition is controlled
-    by the reward instead.
- 4. Trainable: the Q-Former, the query tokens and the language projection (what the authors released);
-    the ViT and the OPT language model stay frozen. The value head is an MLP on the frozen LM's last
-    hidden state at each caption position (detached): the LM already summarises image and text so far.
-    On the miniature world that summary is thin: the head explains ~0.1 of the return's variance, as
-    much as a head fitted offline on the same states, and 70% of the reward's variance lies among one
-    image's captions, which no critic can foresee before they are drawn (results/shapes-default/
-    NOTEBOOK.md, "Why the value head explains so little"). There it is a baseline for the reward's level.
- 5. Log-probs come from the fused kernel in kernels.py on caption positions only: the (tokens, vocab)
-    logits are never materialised (50,272 x 3,840 x 4 B = 0.8 GB for OPT-2.7B at 64 captions of 60 tokens).
- 6. Advantages are divided by their batch standard deviation, so one learning rate serves rewards of any
-    scale; the value head (its own optimiser) is warmed up before the first actor update.
- 7. The paper's loss has no entropy term, and the paper preset keeps it so. On the miniature world the
-    tiny policy's entropy halved within 60 updates and it settled on repeated shapes ("a square, a
-    square and a cross"); an entropy bonus of 0.05 kept it exploring until it found colours and
-    positions (world v5; validation R@1 at step 1,000: 0.03 without, 0.105 with). On world v6 repeated
-    shapes came back even with the bonus, as a way to count objects (results/shapes-default/NOTEBOOK.md,
-    "Why R@1 was stuck on v6").
- 8. A penalty on leaving the captioner, not in the paper (so the paper preset has it off; the shapes
-    preset uses c = 0.05): --kl-coef c charges c * (log pi - log pi_base) at every sampled token, pi_base
-    being the captioner as it started, so the policy leaves it only where the reward pays for it. On the
-    miniature world the rewards cannot read a small object's shape, and the policy guesses; the penalty
-    keeps the captioner's own guesses: c = 0.1, 0.05 and 0.03 cut hallucination from 0.12 (c = 0) to
-    0.06, 0.07 and 0.09, with test R@1 0.356, 0.442 and 0.429 against 0.465
-    (results/shapes-default/NOTEBOOK.md, "A penalty on leaving the base captioner" and "The KL penalty
-    as the default").
+ 1. A2C, three steps per iteration: (1) sample captions, compute a return for every token and the
+    advantage A = R - V, (2) fit the value head to the returns, (3) policy gradient with A. V is taken from
+    before step 2 (a baseline fitted on the very returns it is subtracted from would depend on the sampled
+    tokens), and the value head trains alone for the first --value-warmup steps.
+ 2. gamma = 1. The sequence rewards arrive at the last token and penalties where they occur, so every
+    token's return holds the whole sequence reward: R(t_k) = sum_j w_j * reward_j - sum_{s >= k} penalty(s),
+    penalty = w_bad * bad + w_repeat * repeat (+ the KL charge of choice 8).
+ 3. Rollouts are pure samples (temperature 1; no top-k/p, min length or n-gram blocking): the update's
+    log-probs must belong to the distribution that drew the samples. Repetition is charged by the reward.
+ 4. Trainable: the Q-Former, the query tokens and the language projection (what the authors released).
+    The value head is an MLP on the frozen LM's last hidden state at each caption position (detached):
+    the LM already summarises the image and the caption so far.
+ 5. Log-probs come from the fused kernel in kernels.py, on caption positions only: the (tokens, vocab)
+    logits are never materialised.
+ 6. Advantages are divided by their batch standard deviation and not centred (the baseline centres
+    them), so one learning rate serves rewards of any scale.
+ 7. An entropy bonus, not in the paper (the paper preset has none): a tiny policy's entropy collapses
+    onto its first profitable caption before it finds what else the reward pays for.
+ 8. A penalty on leaving the captioner, not in the paper (off in the paper preset): c * (log pi -
+    log pi_base) at every sampled token, pi_base the captioner as it started. The policy then leaves it
+    only where the reward pays, and keeps its own guesses where no reward model can see.
+ 9. The baseline b in A = R - b (--baseline). value: the paper's learned critic V(s_k). rloo: each image
+    is captioned K times and caption i's baseline is the mean whole-caption return of the other K - 1,
+    which cancels what the image decides without a critic and never sees caption i's tokens (unbiased).
+    batch: the batch mean, REINFORCE's constant baseline, as the reference that removes only the level.
 """
 from __future__ import annotations
 
@@ -83,10 +78,6 @@ import kernels
 import shapes
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed without a traceback, exit code 2."""
-
-
 # ----------------------------------------------------------------------------------------------------
 # Config: one dataclass, every field documented. Fields left at None are filled by PRESETS, REWARDS (the
 # w_* weights) and, in the shapes preset, by the world's model folders at the start of train().
@@ -99,7 +90,8 @@ class Config:
     # what to train
     preset: str = arg("shapes", "shapes: the miniature world (default); paper: BLIP-2 OPT-2.7B, BLIP2-ITM, CLIP")
     world: str = arg("default", "which miniature world (shapes preset): default or test")
-    world_root: str = arg(None, "where worlds are cached (default $VLRM_CACHE/worlds or ~/.cache/vlrm/worlds)")
+    world_root: str = arg(None, "use the worlds built under this folder instead of the shipped one (a world "
+                                "missing there is built; the shipped default is in world/)")
     policy: str = arg(None, "captioner to tune: hub id or save_pretrained folder (Blip2ForConditionalGeneration)")
     clip: str = arg(None, "CLIP reward: open_clip 'MODEL/TAG' (e.g. ViT-L-14/openai), 'local-dir:PATH' or a folder")
     itm: str = arg(None, "BLIP2-ITM reward: hub id or folder (Blip2ForImageTextRetrieval)")
@@ -121,13 +113,17 @@ class Config:
     itm_max_length: int = arg(None, "ITM text limit in tokens (LAVIS BLIP2-ITM: 32); longer tails are invisible")
     # optimisation
     steps: int = arg(5000, "training iterations")
-    batch_size: int = arg(None, "images per iteration (per rank under torchrun)")
+    batch_size: int = arg(None, "captions per iteration (per rank under torchrun): images x --samples-per-image")
+    samples_per_image: int = arg(1, "captions sampled per image in each rollout (K; --baseline rloo needs 2 or more)")
+    baseline: str = arg("value", "what A = R - b subtracts: value (the paper's learned critic), rloo (the other "
+                                 "captions of the same image) or batch (the batch mean); design choice 9")
     max_new_tokens: int = arg(None, "caption length limit during rollouts")
-    lr: float = arg(3e-4, "actor learning rate (Q-Former, query tokens, projection); 1e-3 collapsed the policy")
+    lr: float = arg(3e-4, "actor learning rate (Q-Former, query tokens, projection)")
     value_lr: float = arg(1e-3, "value-head learning rate")
-    value_warmup: int = arg(50, "iterations that train only the value head before the first actor update")
-    ent_coef: float = arg(None, "entropy bonus (paper preset: 0, the paper's pure A2C; shapes: 0.05)")
-    kl_coef: float = arg(None, "penalty per token on log pi - log pi_base, pi_base = the start (paper: 0; shapes: 0.05)")
+    value_warmup: int = arg(50, "iterations that train only the value head before the first actor update "
+                                "(--baseline value; the others have no critic and update from the start)")
+    ent_coef: float = arg(None, "entropy bonus (design choice 7)")
+    kl_coef: float = arg(None, "penalty per token on log pi - log pi_base, pi_base = the start (design choice 8)")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     # machinery
     kernels: str = arg("auto", "log-prob/similarity kernels: auto (Triton on CUDA, or under TRITON_INTERPRET=1), "
@@ -135,10 +131,10 @@ class Config:
     device: str = arg("auto", "auto, cpu or cuda")
     bf16: bool = arg(None, "run frozen models in bfloat16 (paper preset on GPU)")
     seed: int = arg(0, "seed; ranks use seed + rank for sampling")
-    run_dir: str = arg(None, "output folder (default runs/<preset>-<reward>-seed<seed>)")
+    run_dir: str = arg(None, "output folder (default runs/<preset>-<reward>[-<baseline>]-seed<seed>)")
     resume: bool = arg(False, "continue the run in --run-dir from its checkpoint")
     log_every: int = arg(10, "iterations between metrics.jsonl lines")
-    val_every: int = arg(500, "iterations between validations (judge R@1 and sample captions; shapes preset)")
+    val_every: int = arg(250, "iterations between validations (judge R@1 and sample captions; shapes preset)")
     val_size: int = arg(200, "validation images")
     save_every: int = arg(500, "iterations between checkpoints")
     num_workers: int = arg(None, "DataLoader workers decoding images")
@@ -152,171 +148,18 @@ PRESETS = {
                   num_workers=8, ent_coef=0.0, kl_coef=0.0),
 }
 # Reward variants. vlrm-rs leans on CLIP (the retrieval-specialised model of the paper); vlrm on ITM.
-# Cosine similarities move by ~0.1 between a poor and a good caption, ITM logits by ~5: hence the scales.
-# (The miniature world's ITM separates true from false captions less sharply (ROC AUC 0.81, world_report.json)
-# and its logit hardly moves in a run (0.18 -> 0.17 in the default one): CLIP leads there. Not retuned.)
+# The paper publishes no weights, learning rates or batch sizes: every value here is ours. Cosine
+# similarities move by ~0.1 between a poor and a good caption, ITM logits by ~5: hence the scales.
 REWARDS = {
     "vlrm": dict(w_clip=0.0, w_itm=1.0, w_ref=0.3, w_bad=2.0, w_repeat=1.0),
     "vlrm-rs": dict(w_clip=20.0, w_itm=0.3, w_ref=0.3, w_bad=2.0, w_repeat=1.0),
 }
-
-
-# Settings a resumed run may change without changing what it computes (--resume warns about the others).
-RESUME_MAY_CHANGE = {"steps", "resume", "run_dir", "log_every", "val_every", "val_size", "save_every",
-                     "num_workers", "kernels", "device"}
-
-
-def parse_config(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" and f.default is False:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    cfg = Config(**vars(parser.parse_args(argv)))
-    problems = []
-    if cfg.preset not in PRESETS:
-        problems.append(f"--preset must be one of {sorted(PRESETS)}, not {cfg.preset!r}")
-    if cfg.reward not in REWARDS:
-        problems.append(f"--reward must be one of {sorted(REWARDS)}, not {cfg.reward!r}")
-    if cfg.kernels not in kernels.BACKENDS:
-        problems.append(f"--kernels must be one of {list(kernels.BACKENDS)}, not {cfg.kernels!r}")
-    if cfg.world not in shapes.PRESETS:
-        problems.append(f"--world must be one of {sorted(shapes.PRESETS)}, not {cfg.world!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
-    for name in ("steps", "log_every", "val_every", "save_every", "val_size", "repeat_ngram", "itm_max_length"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
-            problems.append(f"--{name.replace('_', '-')} must be a positive integer")
-    if cfg.num_workers is not None and cfg.num_workers < 0:
-        problems.append("--num-workers must be 0 (decode in the main process) or a positive integer")
-    for name in ("lr", "value_lr", "max_grad_norm"):
-        if not getattr(cfg, name) > 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive")
-    if cfg.kl_coef is not None and not cfg.kl_coef >= 0:  # a negative one would pay for leaving the captioner
-        problems.append("--kl-coef must be 0 (off) or positive")
-    if problems:
-        parser.error("; ".join(problems))  # exit code 2
-    for key, value in {**PRESETS[cfg.preset], **REWARDS[cfg.reward]}.items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    if cfg.preset == "paper" and not cfg.images:
-        parser.error("--preset paper needs --images: a folder of training images, or a text file of paths")
-    if cfg.batch_size <= 0 or cfg.max_new_tokens <= 0:
-        parser.error("--batch-size and --max-new-tokens must be positive integers")
-    if not (cfg.w_clip or cfg.w_itm or cfg.w_ref):
-        parser.error("--w-clip, --w-itm and --w-ref are all 0: there is no reward to learn from")
-    try:
-        re.compile(cfg.bad_phrases)
-    except re.error as e:
-        parser.error(f"--bad-phrases is not a valid regular expression: {e}")
-    cfg.run_dir = cfg.run_dir or f"runs/{cfg.preset}-{cfg.reward}-seed{cfg.seed}"
-    return cfg
+BASELINES = ("value", "rloo", "batch")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loading: every model by hub id or local path, with an error that says what to do when it fails.
-def _load(cls, spec: str, **kwargs):
-    try:
-        return cls.from_pretrained(spec, **kwargs)
-    except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise UsageError(
-            f"cannot load {cls.__name__} from {spec!r}{' (HF_HUB_OFFLINE=1)' if offline else ''}.\n"
-            f"  Pass a local folder instead, e.g. one written by save_pretrained, or fetch it where there is a "
-            f"network:\n    hf download {spec} --local-dir ./models/{spec.split('/')[-1]}\n"
-            f"  then pass that folder. ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-
-
-# Not used by training (it loads by hub id or path): bench_paper.py and the tests build OPT-2.7B BLIP-2 from it.
-def blip2_opt_2_7b_config() -> Blip2Config:
-    """The architecture of Salesforce/blip2-opt-2.7b, written out so that it can be built without a download
-    (on the meta device to count parameters, or with random weights to benchmark a GPU): an EVA ViT-g
-    (the library defaults), a 12-layer Q-Former with 32 queries, OPT-2.7B. The hub's config also has an
-    image token (50265) and ends captions at a newline (eos 50118); neither changes a size or a speed."""
-    opt = OPTConfig(vocab_size=50272, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
-                    max_position_embeddings=2048, word_embed_proj_dim=2560, pad_token_id=1, bos_token_id=2,
-                    eos_token_id=2)
-    return Blip2Config(vision_config=Blip2VisionConfig().to_dict(), qformer_config=Blip2QFormerConfig().to_dict(),
-                       text_config=opt.to_dict(), num_query_tokens=32)
-
-
-def load_policy(spec: str, trainable_state: str | None = None, dtype=torch.float32, device="cpu"):
-    """BLIP-2 captioner and its processor. `trainable_state` optionally names a trainable-only state dict
-    in the authors' format (e.g. vlrm-blip2-opt-2.7b.pt), loaded on top with strict=False as they do."""
-    policy = _load(Blip2ForConditionalGeneration, spec, dtype=dtype)
-    processor = _load(Blip2Processor, spec)
-    if trainable_state is not None:
-        try:
-            state = torch.load(trainable_state, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as e:
-            raise UsageError(f"cannot read trainable state dict {trainable_state!r}: {e}") from None
-        unexpected = policy.load_state_dict(state, strict=False).unexpected_keys
-        if unexpected:
-            raise UsageError(f"{trainable_state!r} has keys that are not in the policy, e.g. {unexpected[:3]}")
-    for p in trainable_parameters(policy).values():  # fp32 master weights, whatever the frozen parts' dtype
-        p.data = p.data.float()
-    if dtype != torch.float32:  # generate() hands the fp32 projection the ViT's dtype, and its output to the LM
-        lm_dtype = policy.language_model.dtype
-        policy.language_projection.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype),))
-        policy.language_projection.register_forward_hook(lambda m, args, out: out.to(lm_dtype))
-    return policy.to(device).eval(), processor
-
-
-def load_clip(spec: str, device="cpu"):
-    """open_clip model + tokenizer from 'MODEL/TAG', 'local-dir:PATH' or a plain folder."""
-    if os.path.isdir(spec):
-        spec = f"local-dir:{spec}"
-    name, _, tag = (spec, "", None) if spec.startswith(("local-dir:", "hf-hub:")) else spec.partition("/")
-    if tag == "":  # open_clip would build the architecture with random weights, silently
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
-        raise UsageError(f"CLIP {spec!r} names no weights: give 'MODEL/TAG' (tags of {name}: {tags}), "
-                         f"'local-dir:PATH' or a folder")
-    # open_clip 3 only warns when weights trained with QuickGELU (OpenAI's) are put in a GELU model: ask for it
-    quick_gelu = bool(tag) and bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag or None,
-                                                                     force_quick_gelu=quick_gelu)
-        tokenizer = open_clip.get_tokenizer(name)
-    except Exception as e:  # open_clip raises RuntimeError/FileNotFoundError/ValueError/hub errors
-        raise UsageError(f"cannot load CLIP {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}\n"
-                         f"  Pass 'local-dir:PATH' (open_clip_config.json + weights) or a folder, or "
-                         f"'MODEL/TAG' from open_clip.list_pretrained() where the hub is reachable.") from None
-    return model.to(device).eval().requires_grad_(False), tokenizer, preprocess
-
-
-def normalizer(mean, std, size: int, device):
-    """uint8 images (B, H, W, 3) -> float (B, 3, size, size), resized and normalised for one model."""
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-
-    def to_pixels(images: torch.Tensor) -> torch.Tensor:
-        x = images.to(device).permute(0, 3, 1, 2).float() / 255
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-        return (x - mean) / std
-    return to_pixels
-
-
-def processor_normalizer(processor, device):
-    ip = processor.image_processor
-    return normalizer(ip.image_mean, ip.image_std, ip.size["height"], device)
-
-
-def clip_normalizer(model, device):
-    """The normaliser of an open_clip model (OpenAI's statistics where the model names none)."""
-    v = model.visual
-    return normalizer(v.image_mean or open_clip.OPENAI_DATASET_MEAN, v.image_std or open_clip.OPENAI_DATASET_STD,
-                      v.image_size[0], device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# BLIP-2 pieces the loop needs: the image prefix, rollouts and the hidden states of caption positions.
+# The method, 1: BLIP-2's pieces. The image becomes a soft prompt; captions are sampled after it, and
+# teacher-forced through it again for the update.
 def soft_prefix(policy: Blip2ForConditionalGeneration, image_embeds: torch.Tensor) -> torch.Tensor:
     """BLIP-2's bridge: ViT features (B, 1 + P, W) -> Q-Former on the query tokens -> projection ->
     soft prompt (B, Q, H_lm) for the frozen LM. The same computation as `get_image_features` after its ViT
@@ -335,11 +178,10 @@ def _prompt(policy, prefix: torch.Tensor, tokens: torch.Tensor | None = None) ->
 
 @torch.no_grad()
 def rollout(policy, prefix: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 1a: pure sampling after the soft prefix (B, Q, H). -> tokens (B, T) and mask (B, T): 1 up to
-    and including EOS. Written out instead of calling generate(), so that nothing can warp the distribution
-    (temperature 1; no top-k/p, min length or n-gram blocking: the update's log-probs must be those of the
-    sampler), and because generate's per-token bookkeeping costs more than the miniature world's LM itself.
-    Draws the very tokens of generate(do_sample=True) under the same seed (tested)."""
+    """Pure sampling after the soft prefix (B, Q, H) -> tokens (B, T) and mask (B, T): 1 up to and
+    including EOS. Written out instead of calling generate(), so that nothing can warp the distribution
+    (design choice 3), and because generate's per-token bookkeeping costs more than the miniature world's
+    LM itself. Draws the very tokens of generate(do_sample=True) under the same seed (tested)."""
     lm, text_cfg = policy.language_model, policy.config.text_config
     cache = DynamicCache(config=lm.config)  # keys and values of the positions so far: one new token per call
     # no attention mask: prompts are never padded, so causal attention is all there is
@@ -415,9 +257,10 @@ class ValueHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rewards: each *_reward(spec, ...) loads its model once and returns a plain function
-# reward(images uint8 (B, S, S, 3), captions list[str]) -> (B,) tensor. Then the per-token penalties,
-# the returns, and the losses of steps 2 and 3.
+# The method, 2: rewards. Each *_reward(spec, ...) loads its model once and returns a plain function
+# reward(images uint8 (B, S, S, 3), captions list[str]) -> (B,): one score per (image, caption) pair.
+# A new reward is one more such function, a w_* weight in Config and REWARDS, a field for its model (and
+# its default in PRESETS), and an entry in train()'s `weights` and `rewards`.
 def clip_reward(spec: str, device):
     """Cosine similarity of CLIP's image and text embeddings."""
     model, tokenizer, _ = load_clip(spec, device)
@@ -427,18 +270,10 @@ def clip_reward(spec: str, device):
     def reward(images, captions):
         img = model.encode_image(to_pixels(images))
         txt = model.encode_text(tokenizer(captions).to(device))
-        return kernels.pair_similarity(img.float(), txt.float())
+        return kernels.pair_similarity(img.float(), txt.float())  # (B,) cosine of image i and caption i
     reward.limit = model.context_length  # longer captions are cut: their tails are invisible to the reward
     reward.token_counts = clip_token_counts(tokenizer)
     return reward
-
-
-def clip_token_counts(tokenizer):
-    """captions -> tokens of each, CLIP's start/end included; None for the tokenizers that cannot count
-    (open_clip's HF-hub ones), whose truncated share is then not reported."""
-    if not hasattr(tokenizer, "encode"):
-        return None
-    return lambda captions: [len(tokenizer.encode(c)) + 2 for c in captions]
 
 
 def itm_reward(spec: str, max_length: int, device, dtype):
@@ -477,6 +312,10 @@ def ref_lm_reward(spec: str, policy, policy_tokenizer, device, dtype):
     return reward
 
 
+# ----------------------------------------------------------------------------------------------------
+# The method, 3: penalties, returns, baselines and the losses of steps 2 and 3. Sums over torchrun's
+# ranks are the `total` argument (all_sum in train(); the identity in one process), so that the figures
+# are those of the combined batch.
 def penalties(tokens, mask, tokenizer, bad_regex: re.Pattern, ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position penalties (B, T): bad[b, s] = number of unwanted phrases that end at token s;
     repeat[b, s] = 1 where token s completes a word n-gram that already occurred in the caption."""
@@ -510,27 +349,351 @@ def returns_to_go(sequence_reward, penalty, mask) -> torch.Tensor:
     return (sequence_reward[:, None] - to_go) * mask
 
 
-def a2c_losses(hidden, value_head, tokens, mask, returns, lm_head, ent_coef: float) -> dict:
-    """The losses of steps 2 and 3. hidden (B, T, H) carries the actor's graph; tokens, mask, returns (B, T).
-    Every mean runs over the valid tokens of *all* ranks, so the losses of the ranks add up, and their
-    summed gradients, to those of the combined batch."""
+def leave_one_out_baseline(returns, mask, k: int) -> torch.Tensor:
+    """--baseline rloo: rows i*k .. i*k + k - 1 are the k captions of image i. Caption j's baseline, at
+    every token, is the mean whole-caption return R(t_1) of the image's other k - 1 captions. (B, T) -> (B, T)"""
+    first = returns[:, 0].view(-1, k)  # (images, k): column 0 is R(t_1), the return of the whole caption
+    others = (first.sum(1, keepdim=True) - first) / (k - 1)
+    return others.reshape(-1, 1) * mask
+
+
+def batch_baseline(returns, mask, total=lambda x: x) -> torch.Tensor:
+    """--baseline batch: the mean whole-caption return R(t_1) over the batch, at every token. (B, T) -> (B, T)"""
+    first = returns[:, 0]  # R(t_1)
+    return total(first.sum()) / total(torch.tensor(float(len(first)), device=first.device)) * mask
+
+
+def scaled_advantages(returns, baseline, mask, total=lambda x: x) -> torch.Tensor:
+    """A_k = R(t_k) - b_k, divided by the standard deviation of A over the valid tokens (design choice 6).
+    The baseline (B, T) is constant to the update: V detached, or other captions' returns."""
+    advantages = (returns - baseline) * mask
+    n = total(mask.sum()).clamp(min=1)
+    mean = total(advantages.sum()) / n
+    std = torch.sqrt(total(((advantages - mean) ** 2 * mask).sum()) / n + 1e-8)
+    return advantages / std  # scaled, not centred
+
+
+def critic_loss(values, returns, mask, n_valid) -> torch.Tensor:
+    """Step 2: regress V(s_k) (B, T) on the return R(t_k), squared error per valid token. n_valid: the
+    valid tokens of the whole batch, so that the ranks' losses add up to the combined batch's."""
+    return ((values - returns) ** 2 * mask).sum() / n_valid
+
+
+def actor_loss(hidden, tokens, mask, advantages, lm_head, ent_coef: float, n_valid) -> dict:
+    """Step 3: the policy gradient -A_k log pi(t_k), minus the entropy bonus, per valid token. hidden
+    (B, T, H) carries the graph into the Q-Former; tokens, mask, advantages (B, T). -> {"loss": what
+    step 3 backpropagates, "policy": -A log pi alone, "entropy": mean entropy, "logp": (N,) log pi(t_k)}"""
     valid = mask.bool()
-    n = all_sum(mask.sum()).clamp(min=1)  # valid tokens in the global batch (all_sum: over torchrun ranks, below)
-    values = value_head(hidden.detach())  # (B, T): the critic does not shape the actor's features
-    # critic: regress V(s_k) onto the return R(t_k)
-    value_loss = ((values - returns) ** 2 * mask).sum() / n
-    # actor: A = R - V, with V from *before* the critic update and detached (design choice 1)
-    advantages = (returns - values.detach()) * mask
-    mean = all_sum(advantages.sum()) / n
-    std = torch.sqrt(all_sum(((advantages - mean) ** 2 * mask).sum()) / n + 1e-8)
-    advantages = advantages / std  # scaled, not centred: V is the baseline already (design choice 6)
     logp, entropy = kernels.fused_logprob(hidden[valid], lm_head, tokens[valid], with_entropy=True)  # (N,) each
-    policy_loss = -(advantages[valid] * logp).sum() / n  # raise log pi(t_k) where A_k > 0
-    entropy_mean = entropy.sum() / n
-    # "value": the critic's loss, "values": its V(s_k) (B, T); "policy": -A log pi alone (logged),
-    # "actor": what step 3 backpropagates, policy - ent_coef * entropy
-    return {"value": value_loss, "policy": policy_loss, "actor": policy_loss - ent_coef * entropy_mean,
-            "entropy": entropy_mean.detach(), "values": values.detach(), "logp": logp.detach()}
+    policy_loss = -(advantages[valid] * logp).sum() / n_valid  # raise log pi(t_k) where A_k > 0
+    entropy_mean = entropy.sum() / n_valid
+    return {"loss": policy_loss - ent_coef * entropy_mean, "policy": policy_loss, "entropy": entropy_mean.detach(),
+            "logp": logp.detach()}
+
+
+def explained_variance(baseline, returns, mask) -> float:
+    """1 - Var(R - b) / Var(R) over valid tokens: how much of the return the baseline foresaw. 1: all of
+    it; 0: no better than a constant (--baseline batch is a constant: 0 by construction). Logged for
+    every --baseline as charts/explained_variance, on rank 0's batch under torchrun."""
+    m = mask.bool()
+    var_r = returns[m].var()
+    return float(1 - (returns[m] - baseline[m]).var() / var_r) if var_r > 0 else float("nan")
+
+
+@torch.no_grad()
+def approx_kl(policy, image_embeds, tokens, valid, logp_before, lm_head) -> float:
+    """How far this update moved the policy on its own samples: E[(r - 1) - log r], r = pi_new / pi_old."""
+    log_ratio = sampled_logprobs(policy, image_embeds, tokens, valid, lm_head) - logp_before  # updated policy
+    return float((log_ratio.exp() - 1 - log_ratio).mean())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: load everything, then the loop of three steps.
+def train(cfg: Config) -> Path:
+    rank, world_size, device, own_group = init_distributed(cfg)
+    main_rank, run_dir = rank == 0, Path(cfg.run_dir)
+    dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
+    ckpt = checkpoint_to_resume(cfg, run_dir, main_rank)
+    world = world_models(cfg, rank)  # shapes preset: the miniature world's models fill what cfg leaves at None
+    if main_rank:  # the resolved config, every field filled; it is saved with every checkpoint
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    # the policy, the frozen models it is measured against, and the critic
+    torch.manual_seed(cfg.seed)
+    # in eval mode throughout: no dropout, so that rollout and update see one distribution
+    policy, processor = load_policy(cfg.policy, dtype=dtype, device=device)
+    base = frozen_base(policy) if cfg.kl_coef else None  # pi_base of design choice 8, before a checkpoint loads
+    params = trainable_parameters(policy)
+    policy.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    tokenizer, to_pixels = processor.tokenizer, processor_normalizer(processor, device)
+    lm_head = policy.language_model.get_output_embeddings().weight  # (V, H), frozen
+    weights = {"clip": cfg.w_clip, "itm": cfg.w_itm, "ref": cfg.w_ref}
+    rewards = {}  # only the models with a non-zero weight are loaded
+    if cfg.w_clip:
+        rewards["clip"] = clip_reward(cfg.clip, device)
+    if cfg.w_itm:
+        rewards["itm"] = itm_reward(cfg.itm, cfg.itm_max_length, device, dtype)
+    if cfg.w_ref:
+        rewards["ref"] = ref_lm_reward(cfg.ref_lm, policy, tokenizer, device, dtype)
+    bad_regex = re.compile(cfg.bad_phrases)
+    # caption states come out of OPT's project_out: word_embed_proj_dim wide (= hidden_size in OPT-2.7B)
+    value_head = ValueHead(policy.config.text_config.word_embed_proj_dim).to(device) if cfg.baseline == "value" else None
+    actor_opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    critic_opt = torch.optim.AdamW(value_head.parameters(), lr=cfg.value_lr, weight_decay=0.0) if value_head else None
+    first_actor_step = cfg.value_warmup if value_head is not None else 0  # no critic, nothing to warm up
+    start, skipped_images, rng = 0, 0, None
+    if ckpt is not None:
+        start, skipped_images, rng = resume(ckpt, cfg, policy, value_head, actor_opt, critic_opt, world_size, main_rank)
+    loader, val_images = make_loader(cfg, world, processor, start, rank, world_size)
+    judge = load_judge(cfg.judge_clip, device) if main_rank and val_images is not None else None
+    # everything is loaded: from here on the RNG drives only sampling, so a resumed run matches an unbroken one
+    if rng is not None:
+        set_rng_state(rng[rank])
+    else:
+        torch.manual_seed(cfg.seed + rank)  # ranks draw different samples
+
+    K = cfg.samples_per_image
+    stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit; a second one stops at once
+    bar = tqdm(total=cfg.steps, initial=start, disable=not main_rank, desc="vlrm", dynamic_ncols=True)
+    t_last, iterations = time.time(), 0
+    for step, (images, n_unreadable) in enumerate(loader, start + 1):  # steps count from 1
+        skipped_images += n_unreadable
+        iterations += 1
+        if any_rank(images is None):  # every file of a batch unreadable, on some rank: no update anywhere
+            tqdm.write(f"[warn] step {step}: no readable image in the batch ({n_unreadable} files); step skipped")
+        else:
+            images = images.repeat_interleave(K, 0)  # (B, S, S, 3) uint8: each image K times, in a row
+            with torch.no_grad():
+                image_embeds = policy.vision_model(to_pixels(images).to(dtype)).last_hidden_state  # frozen ViT, once
+
+            # step 1: rollout, returns and the advantage ---------------------------------------------
+            prefix = soft_prefix(policy, image_embeds)  # (B, Q, H), with grad: step 3 backpropagates into it
+            tokens, mask = rollout(policy, prefix, cfg.max_new_tokens)  # (B, T) each; reads the prefix detached
+            captions = [c.strip() for c in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+            parts = {name: fn(images, captions).float().cpu() for name, fn in rewards.items()}  # each (B,)
+            sequence_reward = sum(weights[name] * r for name, r in parts.items())  # (B,)
+            bad, repeat = penalties(tokens.cpu(), mask.cpu(), tokenizer, bad_regex, cfg.repeat_ngram)  # (B, T) each
+            penalty = cfg.w_bad * bad + cfg.w_repeat * repeat
+            hidden = caption_states(policy, prefix, tokens)  # (B, T, H), grad into the Q-Former
+            if base is not None:  # design choice 8
+                log_ratio = log_ratio_to_base(base, image_embeds, hidden, tokens, mask, lm_head).cpu()  # (B, T)
+                penalty = penalty + cfg.kl_coef * log_ratio
+            returns = returns_to_go(sequence_reward, penalty, mask.cpu()).to(device)  # R(t_k) (B, T)
+            values = value_head(hidden.detach()) if value_head is not None else None  # V(s_k), before step 2
+            if cfg.baseline == "value":
+                baseline = values.detach()
+            elif cfg.baseline == "rloo":
+                baseline = leave_one_out_baseline(returns, mask, K)
+            else:
+                baseline = batch_baseline(returns, mask, all_sum)
+            advantages = scaled_advantages(returns, baseline, mask, all_sum)  # (B, T)
+            n_valid = all_sum(mask.sum()).clamp(min=1)  # valid tokens of the combined batch
+            finite = not any_rank(not torch.isfinite(advantages).all()
+                                  or (values is not None and not torch.isfinite(values).all()))
+            if not finite:  # it never reaches the weights
+                tqdm.write(f"[warn] step {step}: non-finite reward or value; no update "
+                           f"({ {k: v.tolist() for k, v in parts.items()} })")
+
+            # step 2: the critic's loss and update --------------------------------------------------
+            if value_head is not None and finite:
+                value_loss = critic_loss(values, returns, mask, n_valid)
+                critic_opt.zero_grad(set_to_none=True)
+                value_loss.backward()
+                sync_gradients(list(value_head.parameters()))
+                nn.utils.clip_grad_norm_(value_head.parameters(), cfg.max_grad_norm)
+                critic_opt.step()
+
+            # step 3: the actor's loss and update (after the critic's warm-up) ----------------------
+            actor = actor_loss(hidden, tokens, mask, advantages, lm_head, cfg.ent_coef, n_valid)
+            if step > first_actor_step and finite:
+                actor_opt.zero_grad(set_to_none=True)
+                actor["loss"].backward()
+                sync_gradients(list(params.values()))
+                grad_norm = nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+                if torch.isfinite(grad_norm):
+                    actor_opt.step()
+                else:
+                    tqdm.write(f"[warn] step {step}: non-finite gradient; actor step skipped")
+
+            # logging: the glossary of every key is in README.md ------------------------------------
+            words = float(np.mean([len(c.split()) for c in captions]))
+            bar.set_postfix(reward=f"{sequence_reward.mean():.3f}", words=f"{words:.1f}")
+            if finite and (step % cfg.log_every == 0 or step == cfg.steps):
+                metrics = {"step": step, "reward/sequence": float(sequence_reward.mean()),
+                           **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
+                           "penalty/bad": float(bad.sum(1).mean()), "penalty/repeat": float(repeat.sum(1).mean()),
+                           **({"penalty/kl": float(log_ratio.sum(1).mean())} if base is not None else {}),
+                           "charts/return": float(returns[:, 0].mean()),
+                           **({"losses/value": all_sum(value_loss.detach()).item()} if value_head is not None else {}),
+                           "losses/policy": all_sum(actor["policy"].detach()).item(),
+                           "charts/entropy": all_sum(actor["entropy"]).item(), "charts/caption_len": words,
+                           "charts/caption_tokens": float(mask.sum(1).mean()),
+                           "charts/explained_variance": explained_variance(baseline, returns, mask),
+                           "charts/approx_kl": approx_kl(policy, image_embeds, tokens, mask.bool(), actor["logp"],
+                                                         lm_head),
+                           "charts/skipped_images": skipped_images,
+                           "perf/steps_per_s": iterations / (time.time() - t_last)}
+                if device.type == "cuda":  # peak since the start, weights included
+                    metrics["perf/gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                for name in ("clip", "itm"):
+                    if name in rewards and rewards[name].token_counts:
+                        metrics[f"charts/{name}_truncated"] = truncated_share(rewards[name], captions)
+                t_last, iterations = time.time(), 0
+                if main_rank:
+                    append_metrics(run_dir, metrics)
+
+        # validation, checkpoint, stop: every step, updated or skipped ----------------------------------
+        bar.update()
+        if judge is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            val, val_captions = validate(policy, tokenizer, to_pixels(val_images), val_images, judge, cfg.max_new_tokens)
+            append_metrics(run_dir, {"step": step, **val})
+            tqdm.write(f"[val] step {step}: judge R@1 {val['val/judge_r1']:.3f}  e.g. " + " | ".join(val_captions[:3]))
+        stopping = any_rank(stop.requested)  # one answer for all ranks: a signal reaches them at different times
+        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+            save_run(run_dir, cfg, step, policy, processor, value_head, actor_opt, critic_opt, skipped_images,
+                     [*params.values(), *(value_head.parameters() if value_head else [])], world_size, main_rank)
+        if stopping:
+            if main_rank:
+                tqdm.write(f"interrupted: checkpoint saved at step {step}; continue with --resume --run-dir {run_dir}")
+            break
+    bar.close()
+    stop.restore()
+    if dist.is_initialized():
+        dist.barrier()
+    if own_group:
+        dist.destroy_process_group()
+    return run_dir
+
+
+# ====================================================================================================
+# The machinery: loading, data, torchrun, checkpoints, validation and the command line. Nothing below
+# is VLRM; it is what makes the loop above run on one CPU, on eight GPUs, and after a kill.
+# ====================================================================================================
+class UsageError(Exception):
+    """Bad input from the user: printed without a traceback, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: every model by hub id or local path, with an error that says what to do when it fails.
+def _load(cls, spec: str, **kwargs):
+    try:
+        return cls.from_pretrained(spec, **kwargs)
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise UsageError(
+            f"cannot load {cls.__name__} from {spec!r}{' (HF_HUB_OFFLINE=1)' if offline else ''}.\n"
+            f"  Pass a local folder instead, e.g. one written by save_pretrained, or fetch it where there is a "
+            f"network:\n    hf download {spec} --local-dir ./models/{spec.split('/')[-1]}\n"
+            f"  then pass that folder. ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+# Not used by training (it loads by hub id or path): bench_paper.py and the tests build OPT-2.7B BLIP-2 from it.
+def blip2_opt_2_7b_config() -> Blip2Config:
+    """The architecture of Salesforce/blip2-opt-2.7b, written out so that it can be built without a download
+    (on the meta device to count parameters, or with random weights to benchmark a GPU): an EVA ViT-g
+    (the library defaults), a 12-layer Q-Former with 32 queries, OPT-2.7B. The hub's config also has an
+    image token (50265) and ends captions at a newline (eos 50118); neither changes a size or a speed."""
+    opt = OPTConfig(vocab_size=50272, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
+                    max_position_embeddings=2048, word_embed_proj_dim=2560, pad_token_id=1, bos_token_id=2,
+                    eos_token_id=2)
+    return Blip2Config(vision_config=Blip2VisionConfig().to_dict(), qformer_config=Blip2QFormerConfig().to_dict(),
+                       text_config=opt.to_dict(), num_query_tokens=32)
+
+
+def load_policy(spec: str, trainable_state: str | None = None, dtype=torch.float32, device="cpu"):
+    """BLIP-2 captioner and its processor. `trainable_state` optionally names a trainable-only state dict
+    in the authors' format (e.g. vlrm-blip2-opt-2.7b.pt), loaded on top with strict=False as they do."""
+    policy = _load(Blip2ForConditionalGeneration, spec, dtype=dtype)
+    processor = _load(Blip2Processor, spec)
+    if trainable_state is not None:
+        try:
+            state = torch.load(trainable_state, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as e:
+            raise UsageError(f"cannot read trainable state dict {trainable_state!r}: {e}") from None
+        unexpected = policy.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise UsageError(f"{trainable_state!r} has keys that are not in the policy, e.g. {unexpected[:3]}")
+    for p in trainable_parameters(policy).values():  # fp32 master weights, whatever the frozen parts' dtype
+        p.data = p.data.float()
+    if dtype != torch.float32:  # generate() hands the fp32 projection the ViT's dtype, and its output to the LM
+        lm_dtype = policy.language_model.dtype
+        policy.language_projection.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype),))
+        policy.language_projection.register_forward_hook(lambda m, args, out: out.to(lm_dtype))
+    return policy.to(device).eval(), processor
+
+
+def load_clip(spec: str, device="cpu"):
+    """open_clip model + tokenizer from 'MODEL/TAG', 'local-dir:PATH' or a plain folder."""
+    if os.path.isdir(spec):
+        spec = f"local-dir:{spec}"
+    name, _, tag = (spec, "", None) if spec.startswith(("local-dir:", "hf-hub:")) else spec.partition("/")
+    if tag == "":  # open_clip would build the architecture with random weights, silently
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
+        raise UsageError(f"CLIP {spec!r} names no weights: give 'MODEL/TAG' (tags of {name}: {tags}), "
+                         f"'local-dir:PATH' or a folder")
+    # open_clip 3 only warns when weights trained with QuickGELU (OpenAI's) are put in a GELU model: ask for it
+    quick_gelu = bool(tag) and bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag or None,
+                                                                     force_quick_gelu=quick_gelu)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:  # open_clip raises RuntimeError/FileNotFoundError/ValueError/hub errors
+        raise UsageError(f"cannot load CLIP {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}\n"
+                         f"  Pass 'local-dir:PATH' (open_clip_config.json + weights) or a folder, or "
+                         f"'MODEL/TAG' from open_clip.list_pretrained() where the hub is reachable.") from None
+    return model.to(device).eval().requires_grad_(False), tokenizer, preprocess
+
+
+def clip_token_counts(tokenizer):
+    """captions -> tokens of each, CLIP's start/end included; None for the tokenizers that cannot count
+    (open_clip's HF-hub ones), whose truncated share is then not reported."""
+    if not hasattr(tokenizer, "encode"):
+        return None
+    return lambda captions: [len(tokenizer.encode(c)) + 2 for c in captions]
+
+
+def normalizer(mean, std, size: int, device):
+    """uint8 images (B, H, W, 3) -> float (B, 3, size, size), resized and normalised for one model."""
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def to_pixels(images: torch.Tensor) -> torch.Tensor:
+        x = images.to(device).permute(0, 3, 1, 2).float() / 255
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        return (x - mean) / std
+    return to_pixels
+
+
+def processor_normalizer(processor, device):
+    ip = processor.image_processor
+    return normalizer(ip.image_mean, ip.image_std, ip.size["height"], device)
+
+
+def clip_normalizer(model, device):
+    """The normaliser of an open_clip model (OpenAI's statistics where the model names none)."""
+    v = model.visual
+    return normalizer(v.image_mean or open_clip.OPENAI_DATASET_MEAN, v.image_std or open_clip.OPENAI_DATASET_STD,
+                      v.image_size[0], device)
+
+
+def world_models(cfg: Config, rank: int) -> shapes.World | None:
+    """Shapes preset: the miniature world (rank 0 first, since it may render or build it), whose model
+    folders fill every model that cfg leaves at None. Other presets: None."""
+    if cfg.preset != "shapes":
+        return None
+    if rank > 0:
+        dist.barrier()
+    world = shapes.load_world(cfg.world, root=cfg.world_root)
+    if rank == 0 and dist.is_initialized():
+        dist.barrier()
+    for key, model in (("policy", "captioner"), ("itm", "itm"), ("ref_lm", "ref_lm"), ("clip", "clip"),
+                       ("judge_clip", "judge_clip")):
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, world.path(model))
+    return world
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -617,12 +780,45 @@ class StepSampler(torch.utils.data.Sampler):
             yield idx
 
 
+def make_loader(cfg: Config, world, processor, start: int, rank: int, world_size: int):
+    """-> (the loader of each step's images from `start` on, images per step = batch_size / K per rank;
+    the validation images (N, S, S, 3) uint8, or None without a world)."""
+    if world is not None:
+        dataset = WorldImages(world.images("train"))
+        val_images = torch.from_numpy(np.array(world.images("val")))[:cfg.val_size]
+    else:
+        dataset, val_images = ImageFiles(cfg.images, processor.image_processor.size["height"]), None
+    sampler = StepSampler(len(dataset), cfg.batch_size // cfg.samples_per_image, start, cfg.steps, cfg.seed, rank,
+                          world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         collate_fn=collate, generator=torch.Generator())  # global RNG untouched
+    return loader, val_images
+
+
 # ----------------------------------------------------------------------------------------------------
 # Distributed helpers (torchrun): data parallel by hand. Losses are divided by the *global* count of valid
 # tokens and gradients summed over ranks: exactly the combined batch's gradient (DDP averages per-rank
 # gradients, which matches it only when every rank holds as many valid tokens).
-def dist_info():
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+def init_distributed(cfg: Config) -> tuple[int, int, torch.device, bool]:
+    """-> (rank, world size, this rank's device, whether the process group is ours to close). Also checks
+    --device and --kernels against what this machine has."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    own_group = world_size > 1 and not dist.is_initialized()  # torchrun: ours to open, and to close
+    if own_group:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+                          else "cpu")
+    if cfg.device == "cuda" and device.type != "cuda":
+        raise UsageError("--device cuda, but torch sees no GPU")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:  # kernels.py's own rule, asked now rather than at the first kernel call, after every model loaded
+        kernels._use_triton(cfg.kernels, torch.empty(0, device=device))
+    except RuntimeError as e:
+        raise UsageError(f"--kernels {cfg.kernels}: {e}; use --kernels auto") from None
+    kernels.set_backend(cfg.kernels)
+    return rank, world_size, device, own_group
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:
@@ -669,8 +865,9 @@ def save_checkpoint(run_dir: Path, policy, processor, value_head, actor_opt, cri
     policy.save_pretrained(tmp / "policy")
     processor.save_pretrained(tmp / "policy")
     torch.save({k: v.detach().cpu() for k, v in trainable_parameters(policy).items()}, tmp / "vlrm-trainable.pt")
-    torch.save({"step": step, "config": dataclasses.asdict(cfg), "value_head": value_head.state_dict(),
-                "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
+    torch.save({"step": step, "config": dataclasses.asdict(cfg),
+                "value_head": value_head.state_dict() if value_head is not None else None,
+                "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict() if critic_opt else None,
                 "rng": rng_states, "skipped_images": skipped_images}, tmp / "trainer.pt")
     if final.exists():
         if old.exists():  # left by a save killed while deleting it; `final` is complete
@@ -680,11 +877,39 @@ def save_checkpoint(run_dir: Path, policy, processor, value_head, actor_opt, cri
     shutil.rmtree(old, ignore_errors=True)
 
 
+def save_run(run_dir, cfg, step, policy, processor, value_head, actor_opt, critic_opt, skipped_images, params,
+             world_size, main_rank) -> None:
+    """Every rank: gather the ranks' RNG states and check that their weights agree; rank 0 saves."""
+    states = [rng_state()]
+    if dist.is_initialized():
+        states = [None] * world_size
+        dist.all_gather_object(states, rng_state())
+        check_ranks_agree(params)
+    if main_rank:
+        save_checkpoint(run_dir, policy, processor, value_head, actor_opt, critic_opt, step, cfg, states,
+                        skipped_images)
+
+
 def find_checkpoint(run_dir: Path) -> Path | None:
     for name in ("checkpoint", "checkpoint.old"):  # .old: killed between the two renames
         if (run_dir / name / "trainer.pt").is_file():
             return run_dir / name
     return None
+
+
+def checkpoint_to_resume(cfg: Config, run_dir: Path, main_rank: bool) -> Path | None:
+    """The checkpoint --resume continues (None for a new run); refuses to start over an existing one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {cfg.run_dir!r} is a file; give a folder")
+    ckpt = find_checkpoint(run_dir)
+    if cfg.resume and ckpt is None:
+        raise UsageError(f"--resume: no checkpoint in {run_dir}; start without --resume")
+    if not cfg.resume and ckpt is not None:
+        raise UsageError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
+                         f"or --run-dir to start a new run")
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return ckpt
 
 
 def rng_state():
@@ -700,8 +925,82 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# Settings a resumed run may change without changing what it computes (--resume warns about the others).
+RESUME_MAY_CHANGE = {"steps", "resume", "run_dir", "log_every", "val_every", "val_size", "save_every",
+                     "num_workers", "kernels", "device"}
+
+
+def resume(ckpt: Path, cfg: Config, policy, value_head, actor_opt, critic_opt, world_size, main_rank):
+    """Load a checkpoint into the policy, the critic and the optimisers. -> (step, skipped images, the RNG
+    states of every rank)."""
+    try:
+        trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+        policy.load_state_dict(torch.load(ckpt / "vlrm-trainable.pt", map_location=policy.device), strict=False)
+    except Exception as e:  # truncated or foreign file: say so, touch nothing
+        raise UsageError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {e}); it was left as it is. "
+                         f"Restore it, or start a new run with another --run-dir") from None
+    if (trainer.get("value_head") is None) != (value_head is None):
+        was = trainer["config"].get("baseline", "value")
+        raise UsageError(f"{ckpt} was trained with --baseline {was}; resume it with --baseline {was}")
+    if value_head is not None:
+        value_head.load_state_dict(trainer["value_head"])
+        critic_opt.load_state_dict(trainer["critic_opt"])
+    actor_opt.load_state_dict(trainer["actor_opt"])
+    if len(trainer["rng"]) != world_size:
+        raise UsageError(f"{ckpt} was written by {len(trainer['rng'])} ranks; resume it with as many")
+    if main_rank:
+        print(f"resumed from {ckpt} at step {trainer['step']}")
+        _truncate_metrics(ckpt.parent / "metrics.jsonl", trainer["step"])
+        changed = [f"{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in trainer["config"].items()
+                   if k not in RESUME_MAY_CHANGE and hasattr(cfg, k) and getattr(cfg, k) != v]
+        if changed:  # e.g. a default that changed since the run began: the rest is another computation
+            print(f"[warn] resuming with settings that differ from the checkpoint's: {', '.join(changed)}; "
+                  f"pass the run's own values to continue the same run")
+    return trainer["step"], trainer.get("skipped_images", 0), trainer["rng"]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint (the resumed run logs those steps again) and a line torn by
+    the kill; written to a new file, then renamed, so a second kill cannot tear the log."""
+    if path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in kept))
+        os.replace(tmp, path)
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM sets `requested`: the loop finishes its step, saves and exits. A second signal
+    stops at once (KeyboardInterrupt), leaving the last checkpoint as it was."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Validation: greedy captions of held-out images, retrieved by the judge CLIP.
+# Validation and logging: greedy captions of held-out images, retrieved by the judge CLIP.
+def load_judge(spec: str, device):
+    """The judge CLIP (never a reward): (model, tokenizer, its normaliser)."""
+    model, tokenizer, _ = load_clip(spec, device)
+    return model, tokenizer, clip_normalizer(model, device)
+
+
 @torch.no_grad()
 def greedy_captions(policy, tokenizer, pixels, max_new_tokens, batch=256) -> list[str]:
     out = []
@@ -721,253 +1020,17 @@ def clip_recall(clip_model, clip_tokenizer, to_pixels, images, captions) -> dict
     return kernels.recall_at_k(kernels.retrieval_ranks(txt.float(), img.float()))
 
 
-# ----------------------------------------------------------------------------------------------------
-# The training loop
-def train(cfg: Config) -> Path:
-    rank, world_size, local_rank = dist_info()
-    own_group = world_size > 1 and not dist.is_initialized()  # torchrun: ours to open, and to close
-    if own_group:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-                          else "cpu")
-    if cfg.device == "cuda" and device.type != "cuda":
-        raise UsageError("--device cuda, but torch sees no GPU")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    try:  # kernels.py's own rule, asked now rather than at the first kernel call, after every model loaded
-        kernels._use_triton(cfg.kernels, torch.empty(0, device=device))
-    except RuntimeError as e:
-        raise UsageError(f"--kernels {cfg.kernels}: {e}; use --kernels auto") from None
-    dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
-    kernels.set_backend(cfg.kernels)
-    run_dir, main_rank = Path(cfg.run_dir), rank == 0
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {cfg.run_dir!r} is a file; give a folder")
-    ckpt = find_checkpoint(run_dir)
-    if cfg.resume and ckpt is None:
-        raise UsageError(f"--resume: no checkpoint in {run_dir}; start without --resume")
-    if not cfg.resume and ckpt is not None:
-        raise UsageError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
-                         f"or --run-dir to start a new run")
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    # the models: the world's unless given; the judge only ever validates
-    world = None
-    if cfg.preset == "shapes":  # rank 0 builds it on first use (transformers saves weights on rank 0 only)
-        if rank > 0:
-            dist.barrier()
-        world = shapes.load_world(cfg.world, root=cfg.world_root)
-        if rank == 0 and dist.is_initialized():
-            dist.barrier()
-    for key, model in (("policy", "captioner"), ("itm", "itm"), ("ref_lm", "ref_lm"), ("clip", "clip"),
-                       ("judge_clip", "judge_clip")):
-        if getattr(cfg, key) is None and world is not None:
-            setattr(cfg, key, world.path(model))
-    if main_rank:  # the resolved config, every field filled; it is saved with every checkpoint
-        print(json.dumps(dataclasses.asdict(cfg), indent=1))
-    torch.manual_seed(cfg.seed)
-    policy, processor = load_policy(cfg.policy, dtype=dtype, device=device)
-    base = frozen_base(policy) if cfg.kl_coef else None  # before a checkpoint's weights are loaded
-    params = trainable_parameters(policy)
-    policy.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    tokenizer, to_pixels = processor.tokenizer, processor_normalizer(processor, device)
-    weights = {"clip": cfg.w_clip, "itm": cfg.w_itm, "ref": cfg.w_ref}
-    rewards = {}  # only the models with a non-zero weight are loaded
-    if cfg.w_clip:
-        rewards["clip"] = clip_reward(cfg.clip, device)
-    if cfg.w_itm:
-        rewards["itm"] = itm_reward(cfg.itm, cfg.itm_max_length, device, dtype)
-    if cfg.w_ref:
-        rewards["ref"] = ref_lm_reward(cfg.ref_lm, policy, tokenizer, device, dtype)
-    bad_regex = re.compile(cfg.bad_phrases)
-
-    # caption states come out of OPT's project_out: word_embed_proj_dim wide (= hidden_size in OPT-2.7B)
-    value_head = ValueHead(policy.config.text_config.word_embed_proj_dim).to(device)
-    actor_opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(value_head.parameters(), lr=cfg.value_lr, weight_decay=0.0)
-    start, skipped_images = 0, 0
-    if ckpt is not None:
-        try:
-            trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
-            policy.load_state_dict(torch.load(ckpt / "vlrm-trainable.pt", map_location=device), strict=False)
-        except Exception as e:  # truncated or foreign file: say so, touch nothing
-            raise UsageError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {e}); it was left as it is. "
-                             f"Restore it, or start a new run with another --run-dir") from None
-        value_head.load_state_dict(trainer["value_head"])
-        actor_opt.load_state_dict(trainer["actor_opt"])
-        critic_opt.load_state_dict(trainer["critic_opt"])
-        start, skipped_images = trainer["step"], trainer.get("skipped_images", 0)
-        if len(trainer["rng"]) != world_size:
-            raise UsageError(f"{ckpt} was written by {len(trainer['rng'])} ranks; resume it with as many")
-        if main_rank:
-            print(f"resumed from {ckpt} at step {start}")
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
-            changed = [f"{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in trainer["config"].items()
-                       if k not in RESUME_MAY_CHANGE and hasattr(cfg, k) and getattr(cfg, k) != v]
-            if changed:  # e.g. a default that changed since the run began: the rest is another computation
-                print(f"[warn] resuming with settings that differ from the checkpoint's: {', '.join(changed)}; "
-                      f"pass the run's own values to continue the same run")
-
-    if world is not None:
-        dataset, val_images = WorldImages(world.images("train")), torch.from_numpy(np.array(world.images("val")))
-        val_images = val_images[:cfg.val_size]
-    else:
-        dataset, val_images = ImageFiles(cfg.images, processor.image_processor.size["height"]), None
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepSampler(len(dataset), cfg.batch_size, start, cfg.steps, cfg.seed, rank, world_size),
-        num_workers=cfg.num_workers, collate_fn=collate, generator=torch.Generator())  # keeps global RNG untouched
-    if main_rank and val_images is not None:
-        judge, judge_tokenizer, _ = load_clip(cfg.judge_clip, device)
-        judge_pixels = clip_normalizer(judge, device)
-    # everything is loaded: from here on the RNG drives only sampling, so a resumed run matches an unbroken one
-    if ckpt is not None:
-        set_rng_state(trainer["rng"][rank])
-    else:
-        torch.manual_seed(cfg.seed + rank)  # ranks draw different samples
-
-    stop = {"flag": False}  # Ctrl-C / SIGTERM: finish the step, save, exit; a second one stops at once
-
-    def request_stop(signum, frame):
-        if stop["flag"]:
-            raise KeyboardInterrupt
-        stop["flag"] = True
-    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def end_of_step(step: int) -> bool:
-        """What every step does, updated or skipped: validate and save when due, save and stop when asked.
-        -> True when the run must stop. Every rank calls it at every step: it holds collectives."""
-        bar.update()
-        stopping = any_rank(stop["flag"])  # one answer for all ranks: a signal reaches them at different times
-        if main_rank and val_images is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-            val = greedy_captions(policy, tokenizer, to_pixels(val_images), cfg.max_new_tokens)
-            r = clip_recall(judge, judge_tokenizer, judge_pixels, val_images, val)
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "val/judge_r1": r["R@1"], "val/judge_r5": r["R@5"],
-                                    "val/caption_len": float(np.mean([len(c.split()) for c in val]))}) + "\n")
-            tqdm.write(f"[val] step {step}: judge R@1 {r['R@1']:.3f}  e.g. " + " | ".join(val[:3]))
-        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-            states = [rng_state()]
-            if dist.is_initialized():
-                states = [None] * world_size
-                dist.all_gather_object(states, rng_state())
-                check_ranks_agree([*params.values(), *value_head.parameters()])
-            if main_rank:
-                save_checkpoint(run_dir, policy, processor, value_head, actor_opt, critic_opt, step, cfg, states,
-                                skipped_images)
-        if stopping and main_rank:
-            tqdm.write(f"interrupted: checkpoint saved at step {step}; continue with --resume --run-dir {run_dir}")
-        return stopping
-
-    lm_head = policy.language_model.get_output_embeddings().weight  # (V, H), frozen
-    bar = tqdm(total=cfg.steps, initial=start, disable=not main_rank, desc="vlrm", dynamic_ncols=True)
-    t_last, step, steps_since_log = time.time(), start, 0
-    for images, n_unreadable in loader:
-        skipped_images += n_unreadable
-        if any_rank(images is None):  # every file of a batch unreadable: skip the step on all ranks
-            tqdm.write(f"[warn] step {step}: no readable image in the batch ({n_unreadable} files); step skipped")
-            step += 1
-            if end_of_step(step):
-                break
-            continue
-        with torch.no_grad():
-            image_embeds = policy.vision_model(to_pixels(images).to(dtype)).last_hidden_state  # frozen ViT, once
-
-        # step 1: rollout and per-token returns ------------------------------------------------------
-        prefix = soft_prefix(policy, image_embeds)  # (B, Q, H) with grad: rollout reads it detached, the update
-                                                    # backpropagates through this same tensor
-        tokens, mask = rollout(policy, prefix, cfg.max_new_tokens)  # (B, T), (B, T)
-        captions = [c.strip() for c in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
-        parts = {name: fn(images, captions).float().cpu() for name, fn in rewards.items()}  # each (B,)
-        sequence_reward = sum(weights[name] * r for name, r in parts.items())
-        bad, repeat = penalties(tokens.cpu(), mask.cpu(), tokenizer, bad_regex, cfg.repeat_ngram)
-        hidden = caption_states(policy, prefix, tokens)  # (B, T, H), grad into the Q-Former
-        penalty = cfg.w_bad * bad + cfg.w_repeat * repeat  # (B, T)
-        if base is not None:
-            log_ratio = log_ratio_to_base(base, image_embeds, hidden, tokens, mask, lm_head).cpu()  # (B, T)
-            penalty = penalty + cfg.kl_coef * log_ratio
-        returns = returns_to_go(sequence_reward, penalty, mask.cpu()).to(device)
-        losses = a2c_losses(hidden, value_head, tokens, mask, returns, lm_head, cfg.ent_coef)
-        if any_rank(not (torch.isfinite(returns).all() and torch.isfinite(losses["value"])
-                         and torch.isfinite(losses["actor"]))):  # it never reaches the weights
-            tqdm.write(f"[warn] step {step}: non-finite reward or loss; step skipped "
-                       f"({ {k: v.tolist() for k, v in parts.items()} })")
-            step += 1
-            if end_of_step(step):
-                break
-            continue
-
-        # step 2: critic update ---------------------------------------------------------------------
-        critic_opt.zero_grad(set_to_none=True)
-        losses["value"].backward()
-        sync_gradients(list(value_head.parameters()))
-        nn.utils.clip_grad_norm_(value_head.parameters(), cfg.max_grad_norm)
-        critic_opt.step()
-
-        # step 3: actor update (after the critic's warm-up) --------------------------------------------
-        if step >= cfg.value_warmup:
-            actor_opt.zero_grad(set_to_none=True)
-            losses["actor"].backward()
-            sync_gradients(list(params.values()))
-            grad_norm = nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                actor_opt.step()
-            else:
-                tqdm.write(f"[warn] step {step}: non-finite gradient; actor step skipped")
-        step += 1
-
-        # logging; then validation and checkpoints, in end_of_step -------------------------------------
-        words = float(np.mean([len(c.split()) for c in captions]))
-        bar.set_postfix(reward=f"{sequence_reward.mean():.3f}", words=f"{words:.1f}")
-        steps_since_log += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = {"step": step, "reward/total": float(sequence_reward.mean()),  # weighted rewards, no penalties
-                       **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
-                       "penalty/bad": float(bad.sum(1).mean()), "penalty/repeat": float(repeat.sum(1).mean()),
-                       **({"penalty/kl": float(log_ratio.sum(1).mean())} if base is not None else {}),
-                       "losses/value": all_sum(losses["value"].detach()).item(),
-                       "losses/policy": all_sum(losses["policy"].detach()).item(),
-                       "charts/entropy": all_sum(losses["entropy"]).item(), "charts/caption_len": words,
-                       "charts/caption_tokens": float(mask.sum(1).mean()),
-                       "charts/explained_variance": explained_variance(losses["values"], returns, mask),
-                       "charts/approx_kl": approx_kl(policy, image_embeds, tokens, mask.bool(), losses["logp"], lm_head),
-                       "charts/skipped_images": skipped_images,
-                       "perf/steps_per_s": steps_since_log / (time.time() - t_last)}
-            if device.type == "cuda":  # peak since the start, weights included
-                metrics["perf/gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            for name in ("clip", "itm"):
-                if name in rewards and rewards[name].token_counts:
-                    metrics[f"charts/{name}_truncated"] = truncated_share(rewards[name], captions)
-            t_last, steps_since_log = time.time(), 0
-            if main_rank:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-        if end_of_step(step):
-            break
-    bar.close()
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    if dist.is_initialized():
-        dist.barrier()
-    if own_group:
-        dist.destroy_process_group()
-    return run_dir
+def validate(policy, tokenizer, pixels, images, judge, max_new_tokens) -> tuple[dict, list[str]]:
+    """Greedy captions of the validation images, and how well the judge finds each one's image."""
+    captions = greedy_captions(policy, tokenizer, pixels, max_new_tokens)
+    r = clip_recall(*judge, images, captions)
+    return ({"val/judge_r1": r["R@1"], "val/judge_r5": r["R@5"],
+             "val/caption_len": float(np.mean([len(c.split()) for c in captions]))}, captions)
 
 
-def explained_variance(values, returns, mask) -> float:
-    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, 0 no better than a constant."""
-    m = mask.bool()
-    var_r = returns[m].var()
-    return float(1 - (returns[m] - values[m]).var() / var_r) if var_r > 0 else float("nan")
-
-
-@torch.no_grad()
-def approx_kl(policy, image_embeds, tokens, valid, logp_before, lm_head) -> float:
-    """How far this update moved the policy on its own samples: E[(r - 1) - log r], r = pi_new / pi_old."""
-    log_ratio = sampled_logprobs(policy, image_embeds, tokens, valid, lm_head) - logp_before  # updated policy
-    return float((log_ratio.exp() - 1 - log_ratio).mean())
+def append_metrics(run_dir: Path, metrics: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
 
 
 def truncated_share(reward_fn, captions) -> float:
@@ -975,20 +1038,69 @@ def truncated_share(reward_fn, captions) -> float:
     return float(np.mean([n > reward_fn.limit for n in reward_fn.token_counts(captions)]))
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint (the resumed run logs those steps again) and a line torn by
-    the kill; written to a new file, then renamed, so a second kill cannot tear the log."""
-    if path.exists():
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in kept))
-        os.replace(tmp, path)
+# ----------------------------------------------------------------------------------------------------
+# The command line: flags from Config, checked before anything loads (bad values exit with code 2).
+def parse_config(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" and f.default is False:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    cfg = Config(**vars(parser.parse_args(argv)))
+    problems = []
+    if cfg.preset not in PRESETS:
+        problems.append(f"--preset must be one of {sorted(PRESETS)}, not {cfg.preset!r}")
+    if cfg.reward not in REWARDS:
+        problems.append(f"--reward must be one of {sorted(REWARDS)}, not {cfg.reward!r}")
+    if cfg.baseline not in BASELINES:
+        problems.append(f"--baseline must be one of {', '.join(BASELINES)}, not {cfg.baseline!r}")
+    if cfg.kernels not in kernels.BACKENDS:
+        problems.append(f"--kernels must be one of {list(kernels.BACKENDS)}, not {cfg.kernels!r}")
+    if cfg.world not in shapes.PRESETS:
+        problems.append(f"--world must be one of {sorted(shapes.PRESETS)}, not {cfg.world!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
+    for name in ("steps", "log_every", "val_every", "save_every", "val_size", "repeat_ngram", "itm_max_length",
+                 "samples_per_image"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be a positive integer")
+    if cfg.baseline == "rloo" and cfg.samples_per_image < 2:
+        problems.append(f"--baseline rloo needs --samples-per-image 2 or more (got {cfg.samples_per_image}): "
+                        f"each caption's baseline is the other captions of its image")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        problems.append("--num-workers must be 0 (decode in the main process) or a positive integer")
+    for name in ("lr", "value_lr", "max_grad_norm"):
+        if not getattr(cfg, name) > 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive")
+    if cfg.kl_coef is not None and not cfg.kl_coef >= 0:  # a negative one would pay for leaving the captioner
+        problems.append("--kl-coef must be 0 (off) or positive")
+    if problems:
+        parser.error("; ".join(problems))  # exit code 2
+    for key, value in {**PRESETS[cfg.preset], **REWARDS[cfg.reward]}.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.preset == "paper" and not cfg.images:
+        parser.error("--preset paper needs --images: a folder of training images, or a text file of paths")
+    if cfg.batch_size <= 0 or cfg.max_new_tokens <= 0:
+        parser.error("--batch-size and --max-new-tokens must be positive integers")
+    if cfg.batch_size % cfg.samples_per_image:
+        parser.error(f"--batch-size {cfg.batch_size} counts captions, so it must be a multiple of "
+                     f"--samples-per-image {cfg.samples_per_image} (images per step x captions per image)")
+    if not (cfg.w_clip or cfg.w_itm or cfg.w_ref):
+        parser.error("--w-clip, --w-itm and --w-ref are all 0: there is no reward to learn from")
+    try:
+        re.compile(cfg.bad_phrases)
+    except re.error as e:
+        parser.error(f"--bad-phrases is not a valid regular expression: {e}")
+    baseline = "" if cfg.baseline == "value" else f"-{cfg.baseline}"
+    cfg.run_dir = cfg.run_dir or f"runs/{cfg.preset}-{cfg.reward}{baseline}-seed{cfg.seed}"
+    return cfg
 
 
 def main(argv=None) -> None:
