@@ -692,6 +692,18 @@ def test_resume_drops_metric_lines_past_the_checkpoint_and_torn_ones(tmp_path):
     assert log.read_text() == '{"step": 10}\n{"step": 20}\n'
 
 
+def test_readme_links_to_vlrm_lines_name_their_functions():
+    """The README's "method in ten lines" links each function by line number: each link must still land
+    on that function (or on the step it names), or the tutorial points at the wrong code."""
+    lines = (REPO / "vlrm.py").read_text().splitlines()
+    links = re.findall(r"\[`?([\w ]+?)`?\]\(vlrm\.py#L(\d+)\)", (REPO / "README.md").read_text())
+    assert len(links) >= 10
+    for name, line in links:
+        target = lines[int(line) - 1]
+        assert (f"def {name}(" in target or f"class {name}(" in target
+                or (name.startswith("step ") and f"# {name}:" in target)), (name, line, target)
+
+
 def test_presets_fill_only_what_is_not_given():
     """shapes adds the entropy bonus and the KL penalty; paper keeps the paper's pure A2C; a flag, even 0, wins."""
     shapes_cfg = vlrm.parse_config([])

@@ -438,11 +438,12 @@ def train(cfg: Config) -> Path:
     if cfg.w_ref:
         rewards["ref"] = ref_lm_reward(cfg.ref_lm, policy, tokenizer, device, dtype)
     bad_regex = re.compile(cfg.bad_phrases)
-    # caption states come out of OPT's project_out: word_embed_proj_dim wide (= hidden_size in OPT-2.7B)
-    value_head = ValueHead(policy.config.text_config.word_embed_proj_dim).to(device) if cfg.baseline == "value" else None
     actor_opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(value_head.parameters(), lr=cfg.value_lr, weight_decay=0.0) if value_head else None
-    first_actor_step = cfg.value_warmup if value_head is not None else 0  # no critic, nothing to warm up
+    value_head, critic_opt, first_actor_step = None, None, 0  # rloo and batch: no critic, nothing to warm up
+    if cfg.baseline == "value":  # caption states come out of OPT's project_out: word_embed_proj_dim wide
+        value_head = ValueHead(policy.config.text_config.word_embed_proj_dim).to(device)
+        critic_opt = torch.optim.AdamW(value_head.parameters(), lr=cfg.value_lr, weight_decay=0.0)
+        first_actor_step = cfg.value_warmup
     start, skipped_images, rng = 0, 0, None
     if ckpt is not None:
         start, skipped_images, rng = resume(ckpt, cfg, policy, value_head, actor_opt, critic_opt, world_size, main_rank)
