@@ -20,10 +20,9 @@ the returns, the baselines and the losses); train(), whose loop is the three ste
 divider, the machinery (loading, data, torchrun, checkpoints, the command line).
 
 Design choices (what the paper leaves open, and what we chose):
- 1. A2C, three steps per iteration: (1) sample captions, compute a return for every token and the
-    advantage A = R - V, (2) fit the value head to the returns, (3) policy gradient with A. V is taken from
-    before step 2 (a baseline fitted on the very returns it is subtracted from would depend on the sampled
-    tokens), and the value head trains alone for the first --value-warmup steps.
+ 1. A2C, three steps per iteration: (1) sample captions, returns and A = R - V, (2) fit the value head,
+    (3) policy gradient with A. V comes from before step 2: fitted on the very returns it is subtracted
+    from, it would depend on the sampled tokens. The value head trains alone for --value-warmup steps.
  2. gamma = 1. The sequence rewards arrive at the last token and penalties where they occur, so every
     token's return holds the whole sequence reward: R(t_k) = sum_j w_j * reward_j - sum_{s >= k} penalty(s),
     penalty = w_bad * bad + w_repeat * repeat (+ the KL charge of choice 8).
@@ -41,10 +40,9 @@ Design choices (what the paper leaves open, and what we chose):
  8. A penalty on leaving the captioner, not in the paper (off in the paper preset): c * (log pi -
     log pi_base) at every sampled token, pi_base the captioner as it started. The policy then leaves it
     only where the reward pays, and keeps its own guesses where no reward model can see.
- 9. The baseline b in A = R - b (--baseline). value: the paper's learned critic V(s_k). rloo: each image
-    is captioned K times and caption i's baseline is the mean whole-caption return of the other K - 1,
-    which cancels what the image decides without a critic and never sees caption i's tokens (unbiased).
-    batch: the batch mean, REINFORCE's constant baseline, as the reference that removes only the level.
+ 9. The baseline b in A = R - b (--baseline): value, the paper's critic V(s_k); rloo, the mean return of
+    the other K - 1 captions of the same image, which removes what the image decides with no critic and
+    never sees the caption's own tokens (unbiased); batch, the batch mean, the simplest reference.
 """
 from __future__ import annotations
 
