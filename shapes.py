@@ -1071,7 +1071,7 @@ def print_report(report: dict) -> None:
         rows.append(("build time", f"{report['build_seconds']:.0f} s", "<= 30 min on 2 CPU cores"))
     print(f"\nMiniature world quality report ({report['n_test']} test scenes)")
     for name, value, target in rows:
-        print(f"  {name:<47} {value:<24} target {target}")
+        print(f"  {name:<52} {value:<24} target {target}")
     print("  base captions:", " | ".join(report["base_samples"]))
 
 
