@@ -416,7 +416,7 @@ class World:
         self.root, self.data = Path(root), Path(data or root)
         manifest = json.loads((self.root / "manifest.json").read_text())
         self.config = WorldConfig(**manifest["config"])
-        self.scenes = read_scenes(self.data / "scenes.json")
+        self.scenes = read_scenes((self.data / "scenes.json").read_text())
         self._images = {}
 
     def path(self, model: str) -> str:
@@ -435,8 +435,9 @@ class World:
         return json.loads((self.root / "report.json").read_text())
 
 
-def read_scenes(path: Path) -> dict[str, list[Scene]]:
-    raw = json.loads(Path(path).read_text())
+def read_scenes(text: str) -> dict[str, list[Scene]]:
+    """The splits of a scenes.json (write_scenes' format)."""
+    raw = json.loads(text)
     return {split: [Scene(tuple(Obj(**o) for o in s["objects"]), s["background"]) for s in scenes]
             for split, scenes in raw.items()}
 
@@ -507,8 +508,7 @@ def _render_shipped(ship: Path, data: Path, cfg: WorldConfig) -> str | None:
     tmp = data.with_name(f".{data.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        (tmp / "scenes.json").write_bytes(gzip.decompress((ship / "scenes.json.gz").read_bytes()))
-        write_scenes(read_scenes(tmp / "scenes.json"), cfg.image_size, tmp)
+        write_scenes(read_scenes(gzip.decompress((ship / "scenes.json.gz").read_bytes())), cfg.image_size, tmp)
         problem = _manifest_problem(ship, cfg, own, tmp)
         if problem is None:
             shutil.rmtree(data, ignore_errors=True)
@@ -977,14 +977,14 @@ def quality_report(world: World) -> dict:
     reshaped = [second_changed(test[i], "shape", SHAPES) for i in multi]
     recoloured = [second_changed(test[i], "colour", list(COLOURS)) for i in multi]
     repainted = [Scene(s.objects, rng.choice([b for b in BACKGROUNDS if b != s.background])) for s in test]
-    one, two = dict(objects=1, size=False, background=False), dict(objects=2, size=False, background=False)
+    def probe(idx, changed, **options):  # -> (test scene indices, true captions, changed captions)
+        return idx, [describe(test[i], **options) for i in idx], [describe(s, **options) for s in changed]
     everything = list(range(len(test)))
-    probes = {  # report key stem -> (indices, true captions, changed captions)
-        "position": (everything, *([describe(s, **one) for s in scenes] for scenes in (test, moved))),
-        "small_shape": (multi, *([describe(s, **two) for s in scenes] for scenes in ([test[i] for i in multi], reshaped))),
-        "small_colour": (multi, *([describe(s, **two) for s in scenes] for scenes in ([test[i] for i in multi], recoloured))),
-        "background": (everything, *([describe(s, 1, size=False, position=False) for s in scenes]
-                                     for scenes in (test, repainted))),
+    probes = {  # report key stem -> probe
+        "position": probe(everything, moved, objects=1, size=False, background=False),
+        "small_shape": probe(multi, reshaped, objects=2, size=False, background=False),
+        "small_colour": probe(multi, recoloured, objects=2, size=False, background=False),
+        "background": probe(everything, repainted, objects=1, size=False, position=False),
     }
 
     def clip_embeddings(name, captions):

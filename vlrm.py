@@ -546,7 +546,7 @@ def train(cfg: Config) -> Path:
         # validation, checkpoint, stop: every step, updated or skipped ----------------------------------
         bar.update()
         if judge is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-            val, val_captions = validate(policy, tokenizer, to_pixels(val_images), val_images, judge, cfg.max_new_tokens)
+            val, val_captions = validate(policy, tokenizer, to_pixels, val_images, judge, cfg.max_new_tokens)
             append_metrics(run_dir, {"step": step, **val})
             tqdm.write(f"[val] step {step}: judge R@1 {val['val/judge_r1']:.3f}  e.g. " + " | ".join(val_captions[:3]))
         stopping = any_rank(stop.requested)  # one answer for all ranks: a signal reaches them at different times
@@ -1019,9 +1019,9 @@ def clip_recall(clip_model, clip_tokenizer, to_pixels, images, captions) -> dict
     return kernels.recall_at_k(kernels.retrieval_ranks(txt.float(), img.float()))
 
 
-def validate(policy, tokenizer, pixels, images, judge, max_new_tokens) -> tuple[dict, list[str]]:
-    """Greedy captions of the validation images, and how well the judge finds each one's image."""
-    captions = greedy_captions(policy, tokenizer, pixels, max_new_tokens)
+def validate(policy, tokenizer, to_pixels, images, judge, max_new_tokens) -> tuple[dict, list[str]]:
+    """Greedy captions of the validation images (N, S, S, 3), and how well the judge finds each one's image."""
+    captions = greedy_captions(policy, tokenizer, to_pixels(images), max_new_tokens)
     r = clip_recall(*judge, images, captions)
     return ({"val/judge_r1": r["R@1"], "val/judge_r5": r["R@5"],
              "val/caption_len": float(np.mean([len(c.split()) for c in captions]))}, captions)
