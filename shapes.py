@@ -53,6 +53,12 @@ Design choices (the world's models stand in for large pretrained ones, so traini
     background last, a third object paid too little after it to be learned.
  8. The reward models and the judge are trained until they read what a caption can say (positions, the
     small objects' shapes and colours, the background): the world's quality report measures each.
+ 9. The reward models and the judge learn binding, which object holds which attribute, from rendered
+    twins: scenes with one attribute moved between two of their objects (move_attribute), drawn, and
+    captioned at the same level of detail as the scene they come from. A CLIP that reads captions as bags
+    of words cannot tell the two apart, so in a batch that holds both each is the other's hard negative;
+    the ITM sees each image of a pair with both captions. Text-only negatives taught no binding: the
+    caption alone gives a moved attribute away.
 
 The history of each choice, with its measurements, is in results/shapes-default/NOTEBOOK.md.
 """
@@ -88,7 +94,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForIm
                           Blip2QFormerConfig, Blip2VisionConfig, Blip2VisionModel, BlipImageProcessor,
                           OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast)
 
-WORLD_VERSION = 16  # bump when scenes, captions or training change, so old caches are rebuilt
+WORLD_VERSION = 17  # bump when scenes, captions or training change, so old caches are rebuilt
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation, shared by every model here
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -134,10 +140,14 @@ class WorldConfig:
     """the judge: trained until rich ground-truth captions find their image (the ceiling) almost always"""
     itm_steps: int = 3000
     """BLIP2-ITM stand-in; its Q-Former learns the match from the frozen ViT's features"""
+    twins: bool = True
+    """binding twins in the training batches of the reward CLIP, the judge and the ITM (design choice 9);
+    off in the control world, which is otherwise built the same"""
 
 
 PRESETS = {
     "default": WorldConfig("default"),
+    "control": WorldConfig("control", twins=False),  # the default without binding twins: what they change
     "test": WorldConfig("test", n_train=1200, n_val=64, n_test=200, width=32, layers=1, lm_layers=1, judge_width=32,
                         num_query_tokens=8, batch_size=64, lm_steps=120, captioner_steps=120,
                         captioner_detail_steps=60, clip_steps=60, judge_steps=60, itm_steps=60),
@@ -327,9 +337,9 @@ def is_true(caption_scene: Scene, scene: Scene, objects=None, size=True, colour=
                for perm in itertools.permutations(range(len(real)), len(said)))
 
 
-def true_caption(scene: Scene, rng: random.Random, rich: float = 0.7) -> str:
-    """A positive: the rich caption with probability `rich`, else a partial one."""
-    return rich_caption(scene) if rng.random() < rich else partial_caption(scene, rng)
+def true_options(scene: Scene, rng: random.Random, rich: float = 0.7) -> dict:
+    """describe() options of a positive: the rich caption with probability `rich`, else a random level of detail."""
+    return {} if rng.random() < rich else detail_options(scene, rng)
 
 
 def false_caption(scene: Scene, others: list[Scene], rng: random.Random, rich: float = 0.7) -> str:
@@ -338,7 +348,7 @@ def false_caption(scene: Scene, others: list[Scene], rng: random.Random, rich: f
     that happens to be true of the scene ("a circle" of another scene that also has a circle) is drawn
     again. With negatives that were all rich, an ITM model learned that any short caption matches."""
     while True:
-        options = {} if rng.random() < rich else detail_options(scene, rng)
+        options = true_options(scene, rng, rich)
         wrong = corrupt(scene, rng) if rng.random() < 0.5 else rng.choice(others)
         if not is_true(wrong, scene, **options):
             return describe(wrong, **options)
@@ -353,6 +363,39 @@ def lm_caption(scene: Scene, rng: random.Random) -> str:
     if rng.random() < 0.05:
         text += f" in {rng.randint(1990, 2024)}"
     return text
+
+
+def move_attribute(scene: Scene, rng: random.Random) -> Scene | None:
+    """A binding twin (design choice 9): the scene with one attribute moved between two of its objects, or
+    None if it has one object. A colour or shape is taken (object i gets object j's) or exchanged; a position
+    is only exchanged, so that no two objects share a cell, and is drawn twice as often (the hardest to bind).
+    The twin's rich caption has the same words as the scene's, in other places."""
+    objs = list(scene.objects)
+    if len(objs) < 2:
+        return None
+    while True:  # ends: the large main object differs from every small one in size, so a move can always change the key
+        i, j = rng.sample(range(len(objs)), 2)
+        what = rng.choice(("colour", "shape", "cell", "cell"))
+        mine, theirs = getattr(objs[i], what), getattr(objs[j], what)
+        if mine == theirs:
+            continue
+        new = list(objs)
+        new[i] = dataclasses.replace(objs[i], **{what: theirs})
+        if what == "cell" or rng.random() < 0.5:  # exchanged, else taken
+            new[j] = dataclasses.replace(objs[j], **{what: mine})
+        twin = Scene(_order(new), scene.background)
+        if twin.key() != scene.key():
+            return twin
+
+
+def twin_options(scene: Scene, twin: Scene, rng: random.Random, rich: float) -> dict:
+    """describe() options for a scene and its twin, the same for both: rich with probability `rich`, else a
+    random level of detail; rich whenever that level would leave the two captions true of each other (the
+    moved attribute not named), for then they are not each other's negatives."""
+    options = true_options(scene, rng, rich)
+    if is_true(scene, twin, **options) or is_true(twin, scene, **options):
+        return {}
+    return options
 
 
 def free_cells(scene: Scene) -> list[int]:
@@ -796,9 +839,33 @@ def itm_logits(itm: Blip2ForImageTextRetrieval, image_embeds, input_ids, attenti
     return (logits, out[:, :query.shape[1]]) if return_queries else logits
 
 
-def train_itm(cfg, tok, vision, feats, scenes, bar) -> Blip2ForImageTextRetrieval:
-    """BLIP2-ITM stand-in: positives are true captions, rich (70%) or partial; negatives are false captions
-    with the same mix of lengths (true_caption, false_caption)."""
+def itm_twin(scene: Scene, rng: random.Random) -> Scene:
+    """The ITM's twin of a scene (design choice 9): half the time an attribute moved between its objects,
+    else one attribute wrong (corrupt), so that it also sees a small object's colour or the background
+    change in the picture while the caption stays the same."""
+    return (rng.random() < 0.5 and move_attribute(scene, rng)) or corrupt(scene, rng)
+
+
+def itc_logits(itm: Blip2ForImageTextRetrieval, image_embeds, input_ids, attention_mask) -> torch.Tensor:
+    """BLIP-2's image-text contrastive similarity (B_images, B_texts) on precomputed ViT features: the best of
+    the image's query outputs against the text's first token, both projected and normalised; the same as
+    `itm(..., use_image_text_matching_head=False).logits_per_image` (tested)."""
+    queries = itm.qformer(query_embeds=itm.query_tokens.expand(image_embeds.shape[0], -1, -1),
+                          encoder_hidden_states=image_embeds).last_hidden_state  # (B, Q, W)
+    text = itm.qformer(query_embeds=itm.embeddings(input_ids=input_ids), query_length=0,
+                       attention_mask=attention_mask).last_hidden_state[:, 0]  # (B_texts, W)
+    img, txt = F.normalize(itm.vision_projection(queries), dim=-1), F.normalize(itm.text_projection(text), dim=-1)
+    return torch.matmul(img, txt.T).max(1).values  # (B, Q, B_texts) -> best query
+
+
+def train_itm(cfg, tok, vision, images, scenes, bar) -> Blip2ForImageTextRetrieval:
+    """BLIP2-ITM stand-in, trained as BLIP-2's Q-Former is, on the match (ITM) and the contrast (ITC) together.
+    ITM: each image is shown its own caption (rich 70%, else partial) or a false one at the same mix of
+    lengths (false_caption). ITC: each image against every image's own caption in the batch. ITM alone
+    never learned colours or the background (0.5 on their probes, even with only colour negatives):
+    matching a word to the image from scratch sits on a plateau that the contrast's gradient breaks. A
+    quarter of each batch is scenes with their twins (design choice 9), each shown its twin's caption as
+    its false one."""
     torch.manual_seed(cfg.seed + 4)
     model = _fresh_blip(Blip2ForImageTextRetrieval, cfg, tok, vision, text_input=True)
     head = AttributeHead(cfg.width)  # design choice 1, on the query outputs
@@ -806,15 +873,50 @@ def train_itm(cfg, tok, vision, feats, scenes, bar) -> Blip2ForImageTextRetrieva
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt, sched = _optimizer(params, 2e-3, cfg.itm_steps)
     for idx in _batches(len(scenes), cfg.batch_size, cfg.itm_steps, cfg.seed + 4):
-        labels = [int(rng.random() < 0.5) for _ in idx]
-        texts = [true_caption(scenes[i], rng) if positive else false_caption(scenes[i], scenes, rng)
-                 for i, positive in zip(idx.tolist(), labels)]
-        enc = tok(texts, padding=True, return_tensors="pt")
-        logits, queries = itm_logits(model, feats[idx], enc["input_ids"], enc["attention_mask"], return_queries=True)
-        loss = F.cross_entropy(logits, torch.tensor(labels)) + attribute_loss(head(queries.mean(1)), _labels(scenes, idx))
+        batch, pixels, options, pairs = with_twins(scenes, images, idx, len(idx) // 4 if cfg.twins else 0, itm_twin,
+                                                   rng, rich=0.7, image_size=cfg.image_size)
+        partner = {j: k for j, k in pairs} | {k: j for j, k in pairs}
+        own = [describe(s, **o) for s, o in zip(batch, options)]  # each image's true caption
+        texts, labels = [], []
+        for j, s in enumerate(batch):
+            if rng.random() < 0.5:
+                texts.append(own[j])
+                labels.append(1)
+            elif j in partner:  # its twin's caption at the same detail, labelled by what is true
+                texts.append(own[partner[j]])
+                labels.append(int(is_true(batch[partner[j]], s, **options[j])))
+            else:
+                texts.append(false_caption(s, scenes, rng))
+                labels.append(0)
+        enc, own = tok(texts, padding=True, return_tensors="pt"), tok(own, padding=True, return_tensors="pt")
+        with torch.no_grad():  # the ViT is frozen
+            feats = vision(pixel_values(pixels)).last_hidden_state
+        logits, queries = itm_logits(model, feats, enc["input_ids"], enc["attention_mask"], return_queries=True)
+        similarity = itc_logits(model, feats, own["input_ids"], own["attention_mask"]) / 0.07  # BLIP-2's temperature
+        target = torch.arange(len(batch))
+        contrast = (F.cross_entropy(similarity, target) + F.cross_entropy(similarity.T, target)) / 2
+        attributes = torch.tensor([attribute_labels(s) for s in batch])
+        loss = F.cross_entropy(logits, torch.tensor(labels)) + contrast + attribute_loss(head(queries.mean(1)), attributes)
         _step(loss, opt, sched, params, bar, stage="ITM")
         bar.update()
     return model.eval()
+
+
+def with_twins(scenes, images, idx, n_twins, make_twin, rng, rich, image_size):
+    """A batch with binding twins (design choice 9): the scenes drawn as `idx` (B,), the first `n_twins` of
+    them followed by their twins (make_twin(scene, rng), or None for no twin), then the rest of `idx` to make
+    B in all. -> (scenes, uint8 images (B, H, W, 3), describe() options of each, pairs [(j, k)]: the
+    positions of a scene and its twin, which share options)."""
+    twins = [(j, t) for j, i in enumerate(idx[:n_twins].tolist()) if (t := make_twin(scenes[i], rng)) is not None]
+    kept = torch.cat([idx[:n_twins], idx[n_twins:len(idx) - len(twins)]])
+    batch = [scenes[i] for i in kept[:n_twins]] + [t for _, t in twins] + [scenes[i] for i in kept[n_twins:]]
+    drawn = np.array([np.asarray(render(t, image_size)) for _, t in twins], np.uint8).reshape(-1, image_size, image_size, 3)
+    pixels = np.concatenate([images[kept[:n_twins].numpy()], drawn, images[kept[n_twins:].numpy()]])
+    options = [true_options(s, rng, rich) for s in batch]
+    pairs = [(j, n_twins + k) for k, (j, _) in enumerate(twins)]
+    for j, k in pairs:
+        options[j] = options[k] = twin_options(batch[j], batch[k], rng, rich)
+    return batch, pixels, options, pairs
 
 
 def clip_config(cfg, width: int) -> dict:
@@ -827,7 +929,8 @@ def clip_config(cfg, width: int) -> dict:
 
 def train_clip(cfg, width, seed, steps, images, scenes, bar, stage) -> tuple[open_clip.CLIP, dict]:
     """Contrastive CLIP on rich (75%) and partial (25%) captions, with attribute losses on both towers
-    and the dense cell loss on the image tower's patch tokens (design choice 1)."""
+    and the dense cell loss on the image tower's patch tokens (design choice 1). Half of each batch is
+    scenes and their binding twins (design choice 9)."""
     assert cfg.image_size == 3 * cfg.patch_size, "the dense loss needs one patch per grid cell"
     torch.manual_seed(seed)
     model_cfg = clip_config(cfg, width)
@@ -840,15 +943,16 @@ def train_clip(cfg, width, seed, steps, images, scenes, bar, stage) -> tuple[ope
     opt, sched = _optimizer(params, 1e-3, steps)
     rng = random.Random(seed)
     for idx in _batches(len(scenes), cfg.batch_size, steps, seed):
-        batch = [scenes[i] for i in idx]
-        is_rich = torch.tensor([rng.random() < 0.75 for _ in batch])
-        texts = [rich_caption(s) if r else partial_caption(s, rng) for s, r in zip(batch, is_rich)]
-        pooled, tokens = model.visual(pixel_values(images[idx.numpy()]))  # (B, D), (B, 9, D)
+        batch, pixels, options, _ = with_twins(scenes, images, idx, len(idx) // 2 if cfg.twins else 0, move_attribute,
+                                               rng, rich=0.75, image_size=cfg.image_size)
+        is_rich = torch.tensor([not o for o in options])
+        texts = [describe(s, **o) for s, o in zip(batch, options)]
+        pooled, tokens = model.visual(pixel_values(pixels))  # (B, D), (B, 9, D)
         img = F.normalize(pooled, dim=-1)
         txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
         target = torch.arange(len(batch))
-        labels = _labels(scenes, idx)
+        labels = torch.tensor([attribute_labels(s) for s in batch])
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         loss = loss + attribute_loss(heads[0](img), labels) + attribute_loss(heads[1](txt[is_rich]), labels[is_rich])
         # x4: at x1 the contrastive gradients dominate the clipped norm and a probe reads shapes at 0.58
@@ -926,7 +1030,7 @@ def build_world(cfg: WorldConfig, out: Path, quiet: bool = False) -> None:
         save_fp16(out / "captioner")
         Blip2Processor(image_processor, tok, num_query_tokens=cfg.num_query_tokens).save_pretrained(out / "captioner")
         lap("captioner")
-        itm = ship_precision(train_itm(cfg, tok, vision, feats, train, bar))
+        itm = ship_precision(train_itm(cfg, tok, vision, images, train, bar))
         itm.save_pretrained(out / "itm")
         save_fp16(out / "itm")
         tok.backend_tokenizer.no_padding()  # training's padding=True stuck to it; the saved file must not pad
@@ -952,6 +1056,23 @@ def build_world(cfg: WorldConfig, out: Path, quiet: bool = False) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Quality report: is the gap that VLRM must close there?
+def binding_probe(scenes: list[Scene], kind: str, what: str) -> tuple[list[int], list[Scene]]:
+    """The scenes that a binding probe uses, and each one changed. steal: in three-object scenes whose second
+    and third objects differ in `what` (colour, shape or cell), the second gets the third's; swap: in scenes
+    whose first two objects differ in it, the two exchange it. The objects keep their order, so that
+    describe(changed, objects=2) is the true caption of the first two with one attribute moved."""
+    j, k = (1, 2) if kind == "steal" else (0, 1)
+    idx = [i for i, s in enumerate(scenes) if len(s.objects) > k and getattr(s.objects[j], what) != getattr(s.objects[k], what)]
+    changed = []
+    for i in idx:
+        objs = list(scenes[i].objects)
+        objs[j] = dataclasses.replace(objs[j], **{what: getattr(scenes[i].objects[k], what)})
+        if kind == "swap":
+            objs[k] = dataclasses.replace(objs[k], **{what: getattr(scenes[i].objects[j], what)})
+        changed.append(Scene(tuple(objs), scenes[i].background))
+    return idx, changed
+
+
 @torch.no_grad()
 def quality_report(world: World) -> dict:
     """Loads every model back through the library loaders and measures the targets of the world."""
@@ -986,6 +1107,9 @@ def quality_report(world: World) -> dict:
         "small_colour": probe(multi, recoloured, objects=2, size=False, background=False),
         "background": probe(everything, repainted, objects=1, size=False, position=False),
     }
+    for kind in ("steal", "swap"):  # binding (design choice 9), on the rich caption of the first two objects
+        for what, word in (("colour", "colour"), ("shape", "shape"), ("cell", "position")):
+            probes[f"{kind}_{word}"] = probe(*binding_probe(test, kind, what), objects=2)
 
     def clip_embeddings(name, captions):
         model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{world.path(name)}")
@@ -1059,8 +1183,12 @@ def print_report(report: dict) -> None:
          f"{report['itm_roc_auc']:.3f} / {report['itm_roc_auc_short']:.3f}", "aim >= 0.95"),
     ]
     targets = {"position": ">= 0.95 for all three", "small_shape": ">= 0.85 for judge and CLIP"}
-    for stem, what in (("position", "moved main object"), ("small_shape", "small object's shape"),
-                       ("small_colour", "small object's colour"), ("background", "background")):
+    binding = {f"{kind}_{word}": f"{word} {how}" for kind, how in (("steal", "taken from the third object"),
+                                                                    ("swap", "exchanged, first two"))
+               for word in ("colour", "shape", "position")}
+    targets.update({stem: ">= 0.95, ITM >= 0.90" for stem in binding})
+    for stem, what in [("position", "moved main object"), ("small_shape", "small object's shape"),
+                       ("small_colour", "small object's colour"), ("background", "background"), *binding.items()]:
         keys = (f"{stem}_pairwise_judge", f"{stem}_pairwise_reward_clip", f"itm_{stem}_pairwise")
         if all(k in report for k in keys):  # reports written before a probe existed lack it
             rows.append((f"right vs {what}: judge / CLIP / ITM", " / ".join(f"{report[k]:.2f}" for k in keys),
@@ -1071,7 +1199,7 @@ def print_report(report: dict) -> None:
         rows.append(("build time", f"{report['build_seconds']:.0f} s", "<= 30 min on 2 CPU cores"))
     print(f"\nMiniature world quality report ({report['n_test']} test scenes)")
     for name, value, target in rows:
-        print(f"  {name:<52} {value:<24} target {target}")
+        print(f"  {name:<64} {value:<24} target {target}")
     print("  base captions:", " | ".join(report["base_samples"]))
 
 

@@ -399,12 +399,62 @@ def test_negatives_are_false_and_as_long_as_positives():
     for scene in scenes[:100]:
         assert shapes.rich_caption(shapes.corrupt(scene, rng)) != shapes.rich_caption(scene)
         assert shapes.false_caption(scene, scenes, rng, rich=1.0) != shapes.rich_caption(scene)
-    positives = [shapes.true_caption(s, rng) for s in scenes]
+    positives = [shapes.describe(s, **shapes.true_options(s, rng)) for s in scenes]
     negatives = [shapes.false_caption(s, scenes, rng) for s in scenes]
     words = [np.mean([len(c.split()) for c in texts]) for texts in (positives, negatives)]
     assert abs(words[0] - words[1]) < 0.15 * words[0], words  # length alone cannot tell them apart
     short = [shapes.false_caption(s, scenes, rng, rich=0.0) for s in scenes]
     assert np.mean([len(c.split()) for c in short]) < 0.7 * words[0]
+
+
+def test_binding_twins_move_one_attribute_between_objects():
+    """shapes.py design choice 9: a twin holds the same objects' attributes, one of them moved to another object;
+    the same describe() options give each a caption that is false of the other."""
+    O, S, rng = shapes.Obj, shapes.Scene, random.Random(0)
+    assert shapes.move_attribute(S((O("cross", "orange", "large", 4),), "white"), rng) is None
+    scene = S((O("cross", "orange", "large", 0), O("circle", "blue", "small", 2), O("diamond", "pink", "small", 8)), "white")
+    kinds = set()
+    for _ in range(300):
+        twin = shapes.move_attribute(scene, rng)
+        assert twin.key() != scene.key() and twin.background == scene.background
+        assert sorted(o.size for o in twin.objects) == sorted(o.size for o in scene.objects)
+        moved = {what for what in ("shape", "colour", "cell")
+                 if sorted(getattr(o, what) for o in twin.objects) != sorted(getattr(o, what) for o in scene.objects)}
+        assert moved <= {"shape", "colour"} and len(moved) <= 1  # taken (one value doubled) or exchanged (same values)
+        assert len({o.cell for o in twin.objects}) == 3  # positions are only ever exchanged
+        kinds.add(next(iter(moved)) if moved else "exchange")
+        options = shapes.twin_options(scene, twin, rng, rich=0.5)
+        assert not shapes.is_true(twin, scene, **options) and not shapes.is_true(scene, twin, **options)
+    assert kinds == {"shape", "colour", "exchange"}
+
+
+def test_twin_batches_pair_each_scene_with_its_drawn_twin():
+    rng = random.Random(0)
+    scenes = shapes.make_splits(shapes.PRESETS["test"])["test"][:40]
+    images = np.stack([np.asarray(shapes.render(s, 48)) for s in scenes])
+    idx = torch.arange(16)
+    batch, pixels, options, pairs = shapes.with_twins(scenes, images, idx, 8, shapes.move_attribute, rng, 0.75, 48)
+    multi = [i for i in range(8) if len(scenes[i].objects) > 1]
+    assert len(batch) == len(pixels) == len(options) == 16 and [j for j, _ in pairs] == multi
+    for j, k in pairs:
+        assert options[j] == options[k] and batch[k].key() != batch[j].key()
+        assert np.array_equal(pixels[k], np.asarray(shapes.render(batch[k], 48)))
+    rest = [s for s in batch if all(s is not batch[k] for _, k in pairs)]
+    assert rest == scenes[:16 - len(pairs)]  # the drawn scenes, in order, less as many as there are twins
+
+
+def test_binding_probes_move_one_attribute_of_the_first_two_objects():
+    O, S = shapes.Obj, shapes.Scene
+    three = S((O("cross", "orange", "large", 0), O("circle", "blue", "small", 2), O("diamond", "pink", "small", 8)), "white")
+    same = S((O("cross", "orange", "large", 0), O("circle", "blue", "small", 2), O("circle", "pink", "small", 8)), "white")
+    two = S((O("cross", "orange", "large", 0), O("circle", "blue", "small", 2)), "white")
+    idx, changed = shapes.binding_probe([three, same, two], "steal", "colour")
+    assert idx == [0, 1] and shapes.describe(changed[0], objects=2) == (
+        "a large orange cross at top left on a white background with a small pink circle at top right")
+    assert shapes.binding_probe([three, same, two], "steal", "shape")[0] == [0]  # the circles share the shape
+    idx, changed = shapes.binding_probe([three, same, two], "swap", "cell")
+    assert idx == [0, 1, 2] and shapes.describe(changed[2], objects=2) == (
+        "a large orange cross at top right on a white background with a small blue circle at top left")
 
 
 def test_pixel_values_match_the_saved_processor(world):
@@ -443,7 +493,11 @@ def test_models_round_trip_through_the_paper_loaders(world, tmp_path):
         library = itm(pixel_values=px, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                       use_image_text_matching_head=True).logits_per_image
         ours = shapes.itm_logits(itm, itm.vision_model(px).last_hidden_state, enc["input_ids"], enc["attention_mask"])
-    assert torch.allclose(library, ours, atol=1e-5)  # the build's fast path is the library's computation
+        library_itc = itm(pixel_values=px, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                          use_image_text_matching_head=False).logits_per_image
+        ours_itc = shapes.itc_logits(itm, itm.vision_model(px).last_hidden_state, enc["input_ids"], enc["attention_mask"])
+    assert torch.allclose(library, ours, atol=1e-5)  # the build's fast paths are the library's computation
+    assert ours_itc.shape == (len(px), 3) and torch.allclose(library_itc, ours_itc, atol=1e-5)
 
     lm = vlrm._load(OPTForCausalLM, world.path("ref_lm"))
     lm.save_pretrained(tmp_path / "lm")
@@ -573,6 +627,9 @@ def test_world_report_shows_the_gap(world):
                 "position_pairwise_reward_clip", "small_shape_pairwise_judge", "small_shape_pairwise_reward_clip",
                 "itm_small_shape_pairwise"):
         assert 0 <= r[key] <= 1, key
+    for probe in ("steal_colour", "steal_shape", "steal_position", "swap_colour", "swap_shape", "swap_position"):
+        for key in (f"{probe}_pairwise_judge", f"{probe}_pairwise_reward_clip", f"itm_{probe}_pairwise"):
+            assert 0 <= r[key] <= 1, key
     assert r["base_sampled_mean_words"] > 0
 
 
@@ -589,7 +646,8 @@ def test_smoke_run_writes_checkpoint_and_metrics(world_root, world, tmp_path):
     for key in ("reward/clip", "reward/itm", "reward/ref", "charts/return", "losses/value", "losses/policy",
                 "charts/explained_variance", "charts/approx_kl", "charts/caption_len", "perf/steps_per_s"):
         assert all(np.isfinite(l[key]) for l in train_lines), key
-    assert any("val/judge_r1" in l for l in lines)
+    val = [l for l in lines if "val/judge_r1" in l]
+    assert val and all(0 <= l["val/reward_r1"] <= 1 for l in val)  # the reward CLIP beside the judge
     # the checkpoint: plain transformers loads the policy; the trainable-only file loads on the base
     ckpt = run / "checkpoint"
     tuned = Blip2ForConditionalGeneration.from_pretrained(ckpt / "policy")
