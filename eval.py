@@ -512,15 +512,19 @@ def match_mentions(mentions: list[dict], scene) -> tuple[list[int], list[int]]:
 def object_metrics(captions: list[str], scenes) -> dict:
     """CHAIR against the scenes (design choice 5): objects/chair_i = hallucinated mentions / mentions (None
     if no caption names an object), objects/chair_s = share of captions with a hallucinated mention,
-    objects/mentions = object mentions per caption."""
-    mentions = hallucinated = with_one = 0
+    objects/mentions = object mentions per caption; and the other side, objects/recall = scene objects
+    matched by a mention / scene objects (AMBER's "cover"), so that a caption cannot cut hallucination by
+    naming less."""
+    mentions = hallucinated = with_one = matched = 0
     for cap, scene in zip(captions, scenes):
         objects = parse_caption(cap)[0]
         absent, doubled = match_mentions(objects, scene)
         mentions, hallucinated = mentions + len(objects), hallucinated + len(absent) + len(doubled)
+        matched += len(objects) - len(absent) - len(doubled)
         with_one += bool(absent or doubled)
     return {"objects/chair_i": hallucinated / mentions if mentions else None,
-            "objects/chair_s": with_one / len(captions), "objects/mentions": mentions / len(captions)}
+            "objects/chair_s": with_one / len(captions), "objects/mentions": mentions / len(captions),
+            "objects/recall": matched / sum(len(s.objects) for s in scenes)}
 
 
 def mention_text(m: dict) -> str:
@@ -651,6 +655,7 @@ TABLE = [  # (label, key in a policy's metrics, format)
     ("truncated by CLIP", "clip_truncated", "{:.3f}"), ("BLEU-4", "bleu4", "{:.3f}"), ("CIDEr-D", "cider_d", "{:.3f}"),
     ("object mentions / caption", "objects/mentions", "{:.2f}"),
     ("object halluc. CHAIR_i", "objects/chair_i", "{:.3f}"), ("captions w/ halluc. CHAIR_s", "objects/chair_s", "{:.3f}"),
+    ("objects named (recall)", "objects/recall", "{:.3f}"),
 ] + [(f"{kind} prec/rec/halluc", f"attr/{kind}", "{:.2f}") for kind in ("all",) + KINDS]  # one cell: three numbers
 
 
@@ -759,6 +764,9 @@ def evaluate(args) -> dict:
         policies = [Policy("base", spec=base)]
         run = latest_run(Path(args.runs))
         policies += [Policy(run.name, spec=str(run))] if run else []
+        if run is None:
+            print(f"no trained run under {args.runs}/ (train one with: python vlrm.py --steps 5000); "
+                  f"evaluating the base captioner alone", file=sys.stderr)
         if run and run.name == "base":
             raise UsageError(f"the latest run {str(run)!r} is called 'base', the base captioner's name; "
                              f"name both with --policy NAME=SPEC")

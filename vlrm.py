@@ -269,6 +269,7 @@ def clip_reward(spec: str, device):
         img = model.encode_image(to_pixels(images))
         txt = model.encode_text(tokenizer(captions).to(device))
         return kernels.pair_similarity(img.float(), txt.float())  # (B,) cosine of image i and caption i
+    reward.recall = lambda images, captions: clip_recall(model, tokenizer, to_pixels, images, captions)  # validation
     reward.limit = model.context_length  # longer captions are cut: their tails are invisible to the reward
     reward.token_counts = clip_token_counts(tokenizer)
     return reward
@@ -447,6 +448,8 @@ def train(cfg: Config) -> Path:
         start, skipped_images, rng = resume(ckpt, cfg, policy, value_head, actor_opt, critic_opt, world_size, main_rank)
     loader, val_images = make_loader(cfg, world, processor, start, rank, world_size)
     judge = load_judge(cfg.judge_clip, device) if main_rank and val_images is not None else None
+    # validation R@1 of the judge and of the reward CLIP, if there is one: a gap between them is over-optimisation
+    recalls = {"judge": judge, **({"reward": rewards["clip"].recall} if "clip" in rewards else {})}
     # everything is loaded: from here on the RNG drives only sampling, so a resumed run matches an unbroken one
     if rng is not None:
         set_rng_state(rng[rank])
@@ -546,9 +549,10 @@ def train(cfg: Config) -> Path:
         # validation, checkpoint, stop: every step, updated or skipped ----------------------------------
         bar.update()
         if judge is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-            val, val_captions = validate(policy, tokenizer, to_pixels, val_images, judge, cfg.max_new_tokens)
+            val, val_captions = validate(policy, tokenizer, to_pixels, val_images, recalls, cfg.max_new_tokens)
             append_metrics(run_dir, {"step": step, **val})
-            tqdm.write(f"[val] step {step}: judge R@1 {val['val/judge_r1']:.3f}  e.g. " + " | ".join(val_captions[:3]))
+            shown = "  ".join(f"{name} R@1 {val[f'val/{name}_r1']:.3f}" for name in recalls)
+            tqdm.write(f"[val] step {step}: {shown}  e.g. " + " | ".join(val_captions[:3]))
         stopping = any_rank(stop.requested)  # one answer for all ranks: a signal reaches them at different times
         if step % cfg.save_every == 0 or step == cfg.steps or stopping:
             save_run(run_dir, cfg, step, policy, processor, value_head, actor_opt, critic_opt, skipped_images,
@@ -995,9 +999,10 @@ class StopRequest:
 # ----------------------------------------------------------------------------------------------------
 # Validation and logging: greedy captions of held-out images, retrieved by the judge CLIP.
 def load_judge(spec: str, device):
-    """The judge CLIP (never a reward): (model, tokenizer, its normaliser)."""
+    """The judge CLIP (never a reward): recall(images, captions) -> R@K of clip_recall."""
     model, tokenizer, _ = load_clip(spec, device)
-    return model, tokenizer, clip_normalizer(model, device)
+    to_pixels = clip_normalizer(model, device)
+    return lambda images, captions: clip_recall(model, tokenizer, to_pixels, images, captions)
 
 
 @torch.no_grad()
@@ -1019,12 +1024,15 @@ def clip_recall(clip_model, clip_tokenizer, to_pixels, images, captions) -> dict
     return kernels.recall_at_k(kernels.retrieval_ranks(txt.float(), img.float()))
 
 
-def validate(policy, tokenizer, to_pixels, images, judge, max_new_tokens) -> tuple[dict, list[str]]:
-    """Greedy captions of the validation images (N, S, S, 3), and how well the judge finds each one's image."""
+def validate(policy, tokenizer, to_pixels, images, recalls, max_new_tokens) -> tuple[dict, list[str]]:
+    """Greedy captions of the validation images (N, S, S, 3), and how well each CLIP of `recalls` (name ->
+    recall(images, captions)) finds each caption's image: val/judge_r1, val/reward_r1, ..."""
     captions = greedy_captions(policy, tokenizer, to_pixels(images), max_new_tokens)
-    r = clip_recall(*judge, images, captions)
-    return ({"val/judge_r1": r["R@1"], "val/judge_r5": r["R@5"],
-             "val/caption_len": float(np.mean([len(c.split()) for c in captions]))}, captions)
+    val = {}
+    for name, recall in recalls.items():
+        r = recall(images, captions)
+        val.update({f"val/{name}_r1": r["R@1"], f"val/{name}_r5": r["R@5"]})
+    return {**val, "val/caption_len": float(np.mean([len(c.split()) for c in captions]))}, captions
 
 
 def append_metrics(run_dir: Path, metrics: dict) -> None:
