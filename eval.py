@@ -82,7 +82,8 @@ COLOUR_WORDS = set(shapes.COLOURS) | set(shapes.BACKGROUNDS) | {
     "teal", "turquoise", "blond", "blonde"}
 BAD_PHRASES = re.compile(vlrm.Config.bad_phrases)  # the same phrases the training penalises
 IMAGE_EXT = vlrm.ImageFiles.EXT
-CURVES = ("reward/sequence", "reward/clip", "reward/itm", "reward/ref", "val/judge_r1", "charts/caption_len")
+CURVES = ("reward/sequence", "reward/clip", "reward/itm", "reward/ref", "val/judge_r1", "val/reward_r1",
+          "charts/caption_len")
 
 
 class UsageError(vlrm.UsageError):

@@ -47,7 +47,8 @@ Design choices (the world's models stand in for large pretrained ones, so traini
     sampled, and RL brings it out. The detailed captions show the contexts RL leads to, so that after
     "a red circle at top ... with a blue square and a", the captioner has seen which object is left.
  6. The ITM model's negatives have the positives' mix of lengths (false_caption): with rich negatives
-    only, an ITM model learns that any short caption is a match.
+    only, an ITM model learns that any short caption is a match. It trains on BLIP-2's contrast (ITC)
+    beside the match, as BLIP-2's Q-Former does: on the match alone it never learned colours.
  7. The caption grammar names the background right after the main object: "A on a grey background with
     B and C". RL learns a caption one profitable step at a time, and every step must pay: with the
     background last, a third object paid too little after it to be learned.
@@ -57,8 +58,9 @@ Design choices (the world's models stand in for large pretrained ones, so traini
     twins: scenes with one attribute moved between two of their objects (move_attribute), drawn, and
     captioned at the same level of detail as the scene they come from. A CLIP that reads captions as bags
     of words cannot tell the two apart, so in a batch that holds both each is the other's hard negative;
-    the ITM sees each image of a pair with both captions. Text-only negatives taught no binding: the
-    caption alone gives a moved attribute away.
+    the ITM is shown its twin's caption as a false one. Text-only hard negatives (NegCLIP's: a caption
+    with an attribute moved, no picture of it) did not teach binding here. The control preset is the
+    same world without twins.
 
 The history of each choice, with its measurements, is in results/shapes-default/NOTEBOOK.md.
 """

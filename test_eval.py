@@ -153,9 +153,22 @@ def test_object_mentions_are_matched_one_to_one():
     assert hallucinated("a triangle with a large pink triangle in the middle", DOUBLE) == (2, 0)
     # nothing parseable: no mentions, no division by zero
     m = ev.object_metrics(["the the the", ""], [SCENE, SCENE])
-    assert m == {"objects/chair_i": None, "objects/chair_s": 0.0, "objects/mentions": 0.0}
+    assert m == {"objects/chair_i": None, "objects/chair_s": 0.0, "objects/mentions": 0.0, "objects/recall": 0.0}
     m = ev.object_metrics(["a red circle", "a red circle with a red circle", "a red triangle"], [SCENE] * 3)
     assert m["objects/chair_i"] == pytest.approx(2 / 4) and m["objects/chair_s"] == pytest.approx(2 / 3)
+
+
+def test_object_recall_counts_scene_objects_named_once_each():
+    """AMBER's cover: scene objects matched by a mention / scene objects; a double or a false mention adds nothing."""
+    def recall(caption, scene):
+        return ev.object_metrics([caption], [scene])["objects/recall"]
+    assert recall(shapes.rich_caption(SCENE), SCENE) == 1.0
+    assert recall(shapes.describe(SCENE, objects=2), SCENE) == pytest.approx(2 / 3)
+    assert recall("a red circle on a grey background with a red circle", SCENE) == pytest.approx(1 / 3)
+    assert recall("a pink triangle with a pink triangle", DOUBLE) == pytest.approx(2 / 3)  # a real double counts
+    assert recall("a yellow diamond", SCENE) == 0.0
+    m = ev.object_metrics([shapes.rich_caption(SCENE), "a green cross"], [SCENE, DOUBLE])
+    assert m["objects/recall"] == pytest.approx(3 / 6)  # pooled over all scene objects
 
 
 def test_report_marks_absent_and_doubled_objects():

@@ -1,4 +1,5 @@
-"""Draw validation judge R@1 against step for one or more runs, as the SVG the README shows.
+"""Draw validation R@1 against step for one or more runs, as the SVG the README shows: the judge's, and the
+reward CLIP's where the run logged it (val/reward_r1). A gap that opens between the two is over-optimisation.
 
     python results/curves.py OUT.svg NAME=RUN_DIR_OR_METRICS_JSONL [NAME=...]
 
@@ -21,8 +22,11 @@ def main(argv: list[str]) -> None:
         curves = ev.read_curves(Path(path))
         if "val/judge_r1" not in curves:
             sys.exit(f"{path}: no val/judge_r1 in its metrics")
-        series[name] = curves["val/judge_r1"]
-    Path(argv[0]).write_text(ev.svg_curve("validation judge R@1 (200 held-out scenes, greedy)", series, w=640, h=300))
+        series[f"{name} judge"] = curves["val/judge_r1"]
+        if "val/reward_r1" in curves:
+            series[f"{name} reward CLIP"] = curves["val/reward_r1"]
+    title = "validation R@1, judge and reward CLIP (200 held-out scenes, greedy)"
+    Path(argv[0]).write_text(ev.svg_curve(title, series, w=640, h=300))
     print(f"wrote {argv[0]}")
 
 

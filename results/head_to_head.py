@@ -1,6 +1,9 @@
 """Print the baselines' head-to-head table (docs/baselines.md) from the recorded runs.
 
-    python results/head_to_head.py [results/shapes-default/v16]
+    python results/head_to_head.py FOLDER
+
+The world v16 head-to-head of docs/baselines.md: its records stand at commit 6ba1db8,
+    git checkout 6ba1db8 -- results/shapes-default/v16 && python results/head_to_head.py results/shapes-default/v16
 
 Reads metrics_<run>.jsonl (validation judge R@1 over training, the baseline's explained variance),
 eval_results.json (the test figures of eval.py, one policy per run, named as the run) and
@@ -33,4 +36,6 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "shapes-default" / "v16"))
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(Path(sys.argv[1]))
