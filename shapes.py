@@ -20,7 +20,7 @@ into the cache on first use and checked against the build's checksums. The tiny 
 Run:
     python shapes.py                  # load the shipped world and print its quality report
     python shapes.py --preset test    # build the tiny world the tests use (about a minute)
-    python shapes.py --rebuild        # build the default world from scratch into the cache (about 20 minutes)
+    python shapes.py --rebuild        # build the default world from scratch into the cache (about 27 minutes)
 
 Design choices (the world's models stand in for large pretrained ones, so training tricks are fair):
  1. Every image tower is trained with an auxiliary loss that predicts the scene's attributes, and the
@@ -589,7 +589,7 @@ def load_world(preset: str = "default", root: str | Path | None = None, rebuild:
             if problem is None:
                 return World(ship, base / f"shipped-{target.name}")
             print(f"[shapes] the shipped world in {ship} cannot be used ({problem}); using the world built into "
-                  f"{target} instead, building it if need be (about 20 minutes on 2 CPU cores for the default "
+                  f"{target} instead, building it if need be (about 27 minutes on 2 CPU cores for the default "
                   f"world). The repository's copy is left as it is.", file=sys.stderr)
         problem = "rebuild requested" if rebuild else _manifest_problem(target, cfg) if target.exists() else None
         if problem is not None or not target.exists():

@@ -365,7 +365,7 @@ def test_end_to_end(tmp_path, world_root, world):
     assert base == tuned  # the same weights, found through the run directory
     assert 0 <= base["t2i/R@1"] <= base["t2i/R@5"] <= base["t2i/R@10"] <= 1
     assert 0 <= base["attr/all/precision"] <= 1 and base["bleu4"] >= 0 and base["cider_d"] >= 0
-    assert {"objects/chair_i", "objects/chair_s", "loop_3gram"} <= set(base)  # the names results.json promises
+    assert {"objects/chair_i", "objects/chair_s", "objects/recall", "loop_3gram"} <= set(base)  # results.json's names
     assert "object halluc. CHAIR_i" in r.stdout and "looping 3-gram rate" in r.stdout
     captions = json.loads((out / "captions_base.json").read_text())
     assert list(captions) == [str(i) for i in range(50)] and all(isinstance(c, str) for c in captions.values())
@@ -377,3 +377,12 @@ def test_end_to_end(tmp_path, world_root, world):
              "--captions", f"copy={out / 'captions_base.json'}"])
     again = json.loads((out / "again" / "results.json").read_text())["policies"]["copy"]["metrics"]
     assert again == base
+
+
+def test_no_run_says_so_and_evaluates_the_base_captioner(tmp_path, world_root, world):
+    r = run_eval("--world", "test", "--world-root", str(world_root), "--limit", "20", "--runs", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "out"), "--grid", "2")
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if line.startswith("no trained run")]
+    assert len(said) == 1 and "python vlrm.py --steps 5000" in said[0]
+    assert list(json.loads((tmp_path / "out" / "results.json").read_text())["policies"]) == ["base"]
