@@ -890,11 +890,11 @@ def train_itm(cfg, tok, vision, images, scenes, bar) -> Blip2ForImageTextRetriev
             else:
                 texts.append(false_caption(s, scenes, rng))
                 labels.append(0)
-        enc, own = tok(texts, padding=True, return_tensors="pt"), tok(own, padding=True, return_tensors="pt")
+        enc, own_enc = tok(texts, padding=True, return_tensors="pt"), tok(own, padding=True, return_tensors="pt")
         with torch.no_grad():  # the ViT is frozen
             feats = vision(pixel_values(pixels)).last_hidden_state
         logits, queries = itm_logits(model, feats, enc["input_ids"], enc["attention_mask"], return_queries=True)
-        similarity = itc_logits(model, feats, own["input_ids"], own["attention_mask"]) / 0.07  # BLIP-2's temperature
+        similarity = itc_logits(model, feats, own_enc["input_ids"], own_enc["attention_mask"]) / 0.07  # BLIP-2's temperature
         target = torch.arange(len(batch))
         contrast = (F.cross_entropy(similarity, target) + F.cross_entropy(similarity.T, target)) / 2
         attributes = torch.tensor([attribute_labels(s) for s in batch])
