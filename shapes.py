@@ -738,8 +738,9 @@ def cell_loss(head: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> to
     return torch.stack(losses[:3]).mean() + losses[3] / 4
 
 
-def _labels(scenes, idx) -> torch.Tensor:
-    return torch.tensor([attribute_labels(scenes[i]) for i in idx])
+def _labels(scenes: list[Scene]) -> torch.Tensor:
+    """(B, 28): attribute_labels of each scene."""
+    return torch.tensor([attribute_labels(s) for s in scenes])
 
 
 def clip_to_blip2_vision(visual, cfg) -> Blip2VisionModel:
@@ -822,7 +823,7 @@ def train_captioner(cfg, tok, vision, lm, feats, scenes, bar) -> Blip2ForConditi
         # position Q + j predicts token j + 1 of [BOS, caption, EOS]
         pred = logits[:, prefix.shape[1]:-1]
         loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).reshape(-1))
-        loss = loss + attribute_loss(head(queries.mean(1)), _labels(scenes, idx))
+        loss = loss + attribute_loss(head(queries.mean(1)), _labels([scenes[i] for i in idx]))
         _step(loss, opt, sched, params + lm_params, bar, stage="captioner")
         bar.update()
     return model.eval()
@@ -897,8 +898,7 @@ def train_itm(cfg, tok, vision, images, scenes, bar) -> Blip2ForImageTextRetriev
         similarity = itc_logits(model, feats, own_enc["input_ids"], own_enc["attention_mask"]) / 0.07  # BLIP-2's temperature
         target = torch.arange(len(batch))
         contrast = (F.cross_entropy(similarity, target) + F.cross_entropy(similarity.T, target)) / 2
-        attributes = torch.tensor([attribute_labels(s) for s in batch])
-        loss = F.cross_entropy(logits, torch.tensor(labels)) + contrast + attribute_loss(head(queries.mean(1)), attributes)
+        loss = F.cross_entropy(logits, torch.tensor(labels)) + contrast + attribute_loss(head(queries.mean(1)), _labels(batch))
         _step(loss, opt, sched, params, bar, stage="ITM")
         bar.update()
     return model.eval()
@@ -954,7 +954,7 @@ def train_clip(cfg, width, seed, steps, images, scenes, bar, stage) -> tuple[ope
         txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
         target = torch.arange(len(batch))
-        labels = torch.tensor([attribute_labels(s) for s in batch])
+        labels = _labels(batch)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         loss = loss + attribute_loss(heads[0](img), labels) + attribute_loss(heads[1](txt[is_rich]), labels[is_rich])
         # x4: at x1 the contrastive gradients dominate the clipped norm and a probe reads shapes at 0.58
