@@ -19,10 +19,23 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor,
-                          Blip2QFormerConfig, Blip2VisionConfig, BlipImageProcessor, PreTrainedTokenizerFast)
+                          Blip2QFormerConfig, Blip2VisionConfig, BlipImageProcessor, OPTConfig,
+                          PreTrainedTokenizerFast)
 
+import build_world
 import shapes
-import vlrm
+
+
+def blip2_opt_2_7b_config() -> Blip2Config:
+    """The architecture of Salesforce/blip2-opt-2.7b, written out so that it can be built without a download
+    (on the meta device to count parameters, or with random weights to benchmark a GPU): an EVA ViT-g
+    (the library defaults), a 12-layer Q-Former with 32 queries, OPT-2.7B. The hub's config also has an
+    image token (50265) and ends captions at a newline (eos 50118); neither changes a size or a speed."""
+    opt = OPTConfig(vocab_size=50272, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
+                    max_position_embeddings=2048, word_embed_proj_dim=2560, pad_token_id=1, bos_token_id=2,
+                    eos_token_id=2)
+    return Blip2Config(vision_config=Blip2VisionConfig().to_dict(), qformer_config=Blip2QFormerConfig().to_dict(),
+                       text_config=opt.to_dict(), num_query_tokens=32)
 
 
 def word_tokenizer(size: int, specials: dict, template: str, **roles) -> PreTrainedTokenizerFast:
@@ -53,7 +66,7 @@ def main():
     opt_tok = word_tokenizer(50272, {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}, "</s> $A",
                              bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     with torch.device(device):
-        policy = Blip2ForConditionalGeneration(vlrm.blip2_opt_2_7b_config()).to(torch.bfloat16)
+        policy = Blip2ForConditionalGeneration(blip2_opt_2_7b_config()).to(torch.bfloat16)
     policy.save_pretrained(out / "blip2")
     Blip2Processor(pixels, opt_tok, num_query_tokens=32).save_pretrained(out / "blip2")
     policy.language_model.save_pretrained(out / "opt")  # the reference LM: OPT-2.7B
@@ -74,7 +87,7 @@ def main():
 
     # the CLIP reward: open_clip ViT-L-14 in the local-dir format (built on the CPU: 0.4 B parameters)
     clip = open_clip.create_model("ViT-L-14", pretrained=None)
-    shapes.save_clip(clip, open_clip.get_model_config("ViT-L-14"), out / "clip")
+    build_world.save_clip(clip, open_clip.get_model_config("ViT-L-14"), out / "clip")
 
     rng = np.random.default_rng(0)
     (out / "images").mkdir(exist_ok=True)

@@ -2,8 +2,8 @@
 
 Before any test module imports kernels.py: with no GPU, Triton kernels run through its interpreter, which
 must be switched on before the @triton.jit decorators run. Nothing reaches the model hub.
-The tiny 'test' world is built once per session (seconds to a minute) into a temporary folder, or into
-$VLRM_TEST_WORLD_ROOT to reuse one between runs.
+The tiny 'test' world is built once per session by build_world.py (seconds to a minute) into a temporary
+folder, or into $VLRM_TEST_WORLD_ROOT to reuse one between runs.
 """
 import os
 from pathlib import Path
@@ -23,5 +23,5 @@ def world_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def world(world_root):
-    import shapes
-    return shapes.load_world("test", root=world_root, quiet=True)
+    import build_world
+    return build_world.build("test", root=world_root, quiet=True)

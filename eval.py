@@ -24,6 +24,8 @@ Captions files (--captions [NAME=]FILE, also what captions_<name>.json in --out 
 Output: the table on stdout, timings per stage on stderr; in --out (default eval_out/): results.json
 (every number), captions_<name>.json, and report.html (table, training curves, test images with captions;
 self-contained: inline SVG and embedded PNG, no script, no network). R@K are fractions, as in the paper.
+The curves are drawn as SVG here (svg_curve, 30 lines) rather than with matplotlib: a report that opens
+anywhere as one file, for four line charts, is not worth a plotting library and the packages it pulls in.
 
 Design choices:
  1. Recall in both directions comes from kernels.retrieval_ranks (rank = gallery items scoring strictly
@@ -31,9 +33,10 @@ Design choices:
     itself; a tie there would count in the image's favour, and "a circle" for every image would score
     R@1 = 100%. So identical captions are ranked above the match (ties count against): each of k images
     sharing one caption gets rank >= k - 1.
- 2. Attribute checks parse captions with the world's own grammar (article, size?, colour?, shape,
-    position?; "on a X background") but tolerate anything else: unknown words are skipped, a modifier is
-    bound to the next shape and a position phrase to the shape before it. A named attribute is correct if
+ 2. Attribute checks parse captions with the world's own grammar (shapes.parse_caption, beside the grammar
+    that writes them: article, size?, colour?, shape, position?; "on a X background") but tolerate anything
+    else: unknown words are skipped, a modifier is bound to the next shape and a position phrase to the
+    shape before it. A named attribute is correct if
     an object in the scene has it, bound to its shape when that shape is in the scene ("a blue circle" is
     wrong beside a red circle and a blue square). Hallucination rate = share of named attributes absent
     from the scene; recall = share of the scene's attributes (4 per object + background) named, bound.
@@ -77,10 +80,7 @@ import kernels
 import shapes
 import vlrm
 
-COLOUR_WORDS = set(shapes.COLOURS) | set(shapes.BACKGROUNDS) | {
-    "gray", "brown", "silver", "gold", "golden", "beige", "tan", "cyan", "magenta", "violet", "maroon", "navy",
-    "teal", "turquoise", "blond", "blonde"}
-BAD_PHRASES = re.compile(vlrm.Config.bad_phrases)  # the same phrases the training penalises
+BAD_PHRASES = vlrm.bad_phrase_regex(vlrm.Config.bad_phrases)  # the phrases the training penalises, as it does
 IMAGE_EXT = vlrm.ImageFiles.EXT
 CURVES = ("reward/sequence", "reward/clip", "reward/itm", "reward/ref", "val/judge_r1", "val/reward_r1",
           "charts/caption_len")
@@ -88,11 +88,6 @@ CURVES = ("reward/sequence", "reward/clip", "reward/itm", "reward/ref", "val/jud
 
 class UsageError(vlrm.UsageError):
     """Bad input: printed without a traceback, exit code 2 (vlrm's own errors are caught the same way)."""
-
-
-def words(text: str) -> list[str]:
-    """Lower-case alphanumeric tokens: the tokenisation of every text metric here (no PTB/Java)."""
-    return re.findall(r"[a-z0-9]+", text.lower())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,7 +130,7 @@ def load_files(ids, paths, references, size, skip_bad) -> Dataset:
 
 def load_dataset(args) -> Dataset:
     if args.dataset == "shapes":
-        world = shapes.load_world(args.world, root=args.world_root)
+        world = vlrm.load_world(args.world, args.world_root)
         scenes, images = world.scenes["test"][:args.limit], world.images("test")[:args.limit]
         return Dataset([str(i) for i in range(len(scenes))], np.array(images),
                        [[shapes.rich_caption(s)] for s in scenes], scenes, world)
@@ -257,55 +252,35 @@ def latest_run(runs: Path) -> Path | None:
     return max(ckpts, key=lambda c: (c / "trainer.pt").stat().st_mtime).parent if ckpts else None
 
 
-@torch.no_grad()
 def caption(policy, processor, images: np.ndarray, args, device) -> list[str]:
-    to_pixels = vlrm.processor_normalizer(processor, device)
+    """Captions of every image with the decoding of the flags: greedy unless --sample or --num-beams."""
     decoding = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                     num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size)
     if args.sample:  # pure samples, as the RL rollouts draw them
         decoding.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
-    else:
-        decoding.update(do_sample=False)
-    out = []
-    for i in range(0, len(images), args.batch_size):
-        pixels = to_pixels(torch.from_numpy(np.array(images[i:i + args.batch_size]))).to(policy.dtype)
-        ids = policy.generate(pixel_values=pixels, **decoding)
-        out += [c.strip() for c in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-    return out
+    return vlrm.caption_images(policy, processor.tokenizer, vlrm.processor_normalizer(processor, device), images,
+                               args.batch_size, **decoding)
 
 
 # ----------------------------------------------------------------------------------------------------
 # CLIP Recall
 class ClipJudge:
-    def __init__(self, spec: str, images: np.ndarray, device, batch: int = 256):
-        self.model, self.tokenizer, _ = vlrm.load_clip(spec, device)
-        to_pixels = vlrm.clip_normalizer(self.model, device)
-        self.device, self.batch = device, batch
-        with torch.no_grad():  # the gallery is encoded once for every policy
-            self.image_emb = torch.cat([self.model.encode_image(to_pixels(torch.from_numpy(np.array(
-                images[i:i + batch])))).float() for i in range(0, len(images), batch)])  # (N, D)
+    """The CLIP judge over one gallery of images, encoded once for every policy (vlrm's CLIP embeddings)."""
 
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """-> (N, D) embeddings, cut at context_length, and (N,) text keys: equal keys = the same token ids.
-        Copies are found on the tokens, not the strings: the tokenizer lowercases and drops extra spaces, so
-        "A circle" and "a  circle" are one text to CLIP. Each distinct text is encoded once, so copies get
-        bit-identical embeddings whatever batch they fall in: design choice 1 relies on exact ties."""
-        tokens = torch.cat([self.tokenizer(captions[i:i + self.batch]) for i in range(0, len(captions), self.batch)])
-        unique, keys = torch.unique(tokens, dim=0, return_inverse=True)  # (U, L), (N,)
-        emb = torch.cat([self.model.encode_text(unique[i:i + self.batch].to(self.device)).float()
-                         for i in range(0, len(unique), self.batch)])
-        return emb[keys.to(emb.device)], keys.tolist()
+    def __init__(self, spec: str, images: np.ndarray, device):
+        self.model, self.tokenizer, _ = vlrm.load_clip(spec, device)
+        self.image_emb = vlrm.clip_image_embeddings(self.model, vlrm.clip_normalizer(self.model, device), images)
 
     def recall(self, captions: list[str]) -> dict:
-        """CLIP Recall of one caption per gallery image, in gallery order: see retrieval()."""
-        text_emb, text_keys = self.encode_text(captions)
+        """CLIP Recall of one caption per gallery image, in gallery order: see retrieval(). Copies of one text
+        (vlrm.clip_text_embeddings' keys) get bit-identical embeddings: design choice 1 relies on exact ties."""
+        text_emb, text_keys = vlrm.clip_text_embeddings(self.model, self.tokenizer, captions)
         return retrieval(text_emb, self.image_emb, text_keys)
 
     def truncated_share(self, captions) -> float | None:
         """Captions longer than CLIP's text window: their tails are invisible to it (None: cannot count)."""
         count = vlrm.clip_token_counts(self.tokenizer)
-        return None if count is None else float(np.mean([n > self.model.context_length for n in count(captions)]))
+        return None if count is None else vlrm.truncated_share(count, self.model.context_length, captions)
 
 
 def retrieval_ranks(text_emb: torch.Tensor, image_emb: torch.Tensor, text_keys: list):
@@ -333,22 +308,24 @@ def ngrams(tokens: list[str], n: int) -> list[tuple]:
 
 
 def caption_stats(captions: list[str]) -> dict:
-    """words: mean whitespace-separated words (as vlrm's charts/caption_len); colour_rate: share naming a
-    colour word; distinct_n: distinct / total word n-grams over all captions; repeat_3gram: share repeating
-    a word 3-gram; loop_3gram: share with a word 3-gram that occurs three or more times (design choice 5);
-    bad_phrase: share matching vlrm's bad-phrase regex (case-insensitive here)."""
-    toks = [words(c) for c in captions]
+    """Words are vlrm.words, as in training. words: mean words per caption (vlrm's charts/caption_len);
+    colour_rate: share naming a colour word; distinct_n: distinct / total word n-grams over all captions;
+    repeat_3gram and bad_phrase: share of captions that training's repetition penalty (at n = 3) and
+    bad-phrase penalty charge (vlrm.penalty_ends); loop_3gram: share with a word 3-gram that occurs three
+    or more times (design choice 5)."""
+    toks = [vlrm.words(c) for c in captions]
+    charged = [vlrm.penalty_ends(c, BAD_PHRASES, ngram=3) for c in captions]  # (bad ends, repeat ends) each
     distinct = {}
     for n in (1, 2):
         grams = [g for t in toks for g in ngrams(t, n)]
         distinct[f"distinct_{n}"] = len(set(grams)) / max(1, len(grams))
     most = [max(Counter(ngrams(t, 3)).values(), default=0) for t in toks]  # the commonest 3-gram's count
-    return {"words": float(np.mean([len(c.split()) for c in captions])),
-            "colour_rate": float(np.mean([any(w in COLOUR_WORDS for w in t) for t in toks])),
+    return {"words": vlrm.mean_words(captions),
+            "colour_rate": float(np.mean([any(w in shapes.COLOUR_WORDS for w in t) for t in toks])),
             **distinct,
-            "repeat_3gram": float(np.mean([m >= 2 for m in most])),
+            "repeat_3gram": float(np.mean([bool(repeat) for _, repeat in charged])),
             "loop_3gram": float(np.mean([m >= 3 for m in most])),
-            "bad_phrase": float(np.mean([bool(BAD_PHRASES.search(c.lower())) for c in captions]))}
+            "bad_phrase": float(np.mean([bool(bad) for bad, _ in charged]))}
 
 
 def bleu4(hyps: list[str], refs: list[list[str]]) -> float:
@@ -356,7 +333,7 @@ def bleu4(hyps: list[str], refs: list[list[str]]) -> float:
     reference length (the shorter on a tie) for the brevity penalty."""
     correct, total, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
     for hyp, rs in zip(hyps, refs):
-        h, rs = words(hyp), [words(r) for r in rs]
+        h, rs = vlrm.words(hyp), [vlrm.words(r) for r in rs]
         hyp_len += len(h)
         ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
         for n in range(1, 5):
@@ -377,7 +354,7 @@ def cider_d(hyps: list[str], refs: list[list[str]], sigma: float = 6.0) -> float
     this test set), cosine with the hypothesis counts clipped to the reference's, a Gaussian length
     penalty, averaged over n and references, times 10."""
     def grams(text):
-        t = words(text)
+        t = vlrm.words(text)
         return [Counter(ngrams(t, n)) for n in range(1, 5)], len(t)
     hyp_c = [grams(h) for h in hyps]
     ref_c = [[grams(r) for r in rs] for rs in refs]
@@ -403,51 +380,19 @@ def cider_d(hyps: list[str], refs: list[list[str]], sigma: float = 6.0) -> float
 
 # ----------------------------------------------------------------------------------------------------
 # Attributes against the miniature world's ground truth
-PLURALS = {s + ("es" if s.endswith("s") else "s"): s for s in shapes.SHAPES}
-POSITION_WORDS = sorted(((tuple(p.split()), cell) for cell, p in enumerate(shapes.POSITIONS)), key=lambda x: -len(x[0]))
 KINDS = ("shape", "colour", "size", "position", "background")
 
 
-def parse_caption(text: str) -> tuple[list[dict], list[tuple[str, object]], str | None]:
-    """-> (objects named, each {"shape", and "colour"/"size"/"position" when given}; attributes bound to no
-    shape, as (kind, value); the background named, or None). Tolerant: anything else is skipped."""
-    toks, objects, loose, background, pending, i = words(text), [], [], None, {}, 0
-    while i < len(toks):
-        w = toks[i]
-        position = next(((n, cell) for n, cell in POSITION_WORDS if tuple(toks[i:i + len(n)]) == n), None)
-        if w in COLOUR_WORDS and i + 1 < len(toks) and toks[i + 1] == "background":
-            background, i = ("grey" if w == "gray" else w), i + 2
-            continue
-        if position is not None:
-            if objects and "position" not in objects[-1] and not pending:
-                objects[-1]["position"] = position[1]  # "a circle at top left": the phrase follows its shape
-            else:
-                loose.append(("position", position[1]))
-            i += len(position[0])
-            continue
-        if w in shapes.SHAPES or w in PLURALS:
-            objects.append({"shape": PLURALS.get(w, w), **pending})
-            pending = {}
-        elif w in shapes.SIZES or w in COLOUR_WORDS:
-            kind = "size" if w in shapes.SIZES else "colour"
-            if kind in pending:  # "a red blue circle": the first modifier is left without a shape
-                loose.append((kind, pending[kind]))
-            pending[kind] = w
-        i += 1
-    loose += list(pending.items())  # modifiers never followed by a shape
-    return objects, loose, background
-
-
-def scene_objects(scene) -> list[dict]:
-    """The scene's objects in parse_caption's terms."""
-    return [{"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.cell} for o in scene.objects]
+def parse(caption: str):
+    """shapes.parse_caption of the caption's words: (objects, attributes bound to no shape, background)."""
+    return shapes.parse_caption(vlrm.words(caption))
 
 
 def attribute_counts(caption: str, scene) -> Counter:
     """-> per attribute kind: named, correct (in the scene, bound to its shape where the shape is present),
     truth (the scene's attributes), recalled (ground-truth attributes the caption names, bound)."""
-    objects, loose, background = parse_caption(caption)
-    truth = scene_objects(scene)
+    objects, loose, background = parse(caption)
+    truth = shapes.scene_objects(scene)
     c = Counter({f"{k}/{what}": 0 for k in KINDS for what in ("named", "correct", "truth", "recalled")})
 
     def name(kind, value, among):
@@ -492,7 +437,7 @@ def match_mentions(mentions: list[dict], scene) -> tuple[list[int], list[int]]:
     many as possible (Kuhn's augmenting paths: a maximum bipartite matching). -> (indices of the unmatched
     mentions that no scene object fits: not in the image; of those that fit only objects already matched:
     named twice)."""
-    truth = scene_objects(scene)
+    truth = shapes.scene_objects(scene)
     fits = [[j for j, o in enumerate(truth) if all(o[k] == v for k, v in m.items())] for m in mentions]
     owner = {}  # scene object -> the mention matched to it
 
@@ -518,7 +463,7 @@ def object_metrics(captions: list[str], scenes) -> dict:
     naming less."""
     mentions = hallucinated = with_one = matched = 0
     for cap, scene in zip(captions, scenes):
-        objects = parse_caption(cap)[0]
+        objects = parse(cap)[0]
         absent, doubled = match_mentions(objects, scene)
         mentions, hallucinated = mentions + len(objects), hallucinated + len(absent) + len(doubled)
         matched += len(objects) - len(absent) - len(doubled)
@@ -537,9 +482,9 @@ def mention_text(m: dict) -> str:
 def caption_marks(caption: str, scene) -> tuple[list[str], list[str]]:
     """What the report marks: (named but not in the image: object mentions no scene object fits, a wrong
     background, attributes bound to no shape that no object has; objects named twice)."""
-    objects, loose, background = parse_caption(caption)
+    objects, loose, background = parse(caption)
     absent, doubled = match_mentions(objects, scene)
-    truth = scene_objects(scene)
+    truth = shapes.scene_objects(scene)
     missing = [mention_text(objects[i]) for i in absent]
     missing += [f"{background} background"] if background not in (None, scene.background) else []
     missing += [shapes.POSITIONS[v] if k == "position" else v for k, v in loose if not any(o[k] == v for o in truth)]

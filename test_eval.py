@@ -18,6 +18,7 @@ from PIL import Image
 
 import eval as ev
 import shapes
+import vlrm
 from shapes import Obj, Scene
 
 HERE = Path(__file__).parent
@@ -75,7 +76,7 @@ def test_copies_are_found_on_the_judges_tokens(world):
     # image-to-text guard must treat them as copies, not as four different captions
     judge = ev.ClipJudge(str(world.path("judge_clip")), np.array(world.images("test")[:4]), "cpu")
     captions = ["a circle", "A circle", "a  circle", "A  Circle"]
-    emb, keys = judge.encode_text(captions)
+    emb, keys = vlrm.clip_text_embeddings(judge.model, judge.tokenizer, captions)
     assert len(set(keys)) == 1 and (emb == emb[0]).all()
     assert judge.recall(captions)["i2t/R@1"] == 0.0
 
@@ -87,13 +88,13 @@ SCENE = Scene((Obj("circle", "red", "large", 0), Obj("square", "blue", "small", 
 
 
 def test_parser_reads_the_world_grammar():
-    objects, loose, background = ev.parse_caption(shapes.rich_caption(SCENE))
+    objects, loose, background = ev.parse(shapes.rich_caption(SCENE))
     assert objects == [{"size": "large", "colour": "red", "shape": "circle", "position": 0},
                        {"size": "small", "colour": "blue", "shape": "square", "position": 4},
                        {"size": "small", "colour": "green", "shape": "cross", "position": 8}]
     assert loose == [] and background == "grey"
     # ungrammatical policy output: a stray modifier, a plural, a position with no shape before it
-    objects, loose, background = ev.parse_caption("red a An image of blue circles circles at bottom right, on the left")
+    objects, loose, background = ev.parse("red a An image of blue circles circles at bottom right, on the left")
     assert objects == [{"colour": "blue", "shape": "circle"}, {"shape": "circle", "position": 8}]
     assert loose == [("colour", "red"), ("position", 3)] and background is None
 
@@ -211,17 +212,16 @@ def test_policy_arguments(tmp_path):
 
 
 def test_decoding_flags_reach_generate(world):
-    import vlrm
     policy, processor = vlrm.load_policy(world.path("captioner"))
     images = np.array(world.images("test")[:6])
     greedy = ev.caption(policy, processor, images, ev.parse_args([]), "cpu")
-    pixels = vlrm.processor_normalizer(processor, "cpu")(torch.from_numpy(images))
-    assert greedy == vlrm.greedy_captions(policy, processor.tokenizer, pixels, 40)  # training's validation path
+    to_pixels = vlrm.processor_normalizer(processor, "cpu")
+    assert greedy == vlrm.caption_images(policy, processor.tokenizer, to_pixels, images, max_new_tokens=40)  # validation's
     args = ev.parse_args(["--num-beams", "3", "--no-repeat-ngram-size", "2", "--min-new-tokens", "10",
                           "--max-new-tokens", "12"])
     for c in ev.caption(policy, processor, images, args, "cpu"):
         assert len(processor.tokenizer(c, add_special_tokens=False).input_ids) >= 8  # greedy stops at ~4 tokens
-        assert len(set(ev.ngrams(ev.words(c), 2))) == len(ev.ngrams(ev.words(c), 2))
+        assert len(set(ev.ngrams(vlrm.words(c), 2))) == len(ev.ngrams(vlrm.words(c), 2))
 
 
 # ----------------------------------------------------------------------------------------------------

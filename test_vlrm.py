@@ -1,5 +1,5 @@
-"""Tests of the method (vlrm.py) and of everything that runs it: the miniature world (shapes.py), loading,
-checkpoints, resume, torchrun. Offline, CPU, a few minutes.
+"""Tests of the method (vlrm.py) and of everything that runs it: the miniature world (shapes.py, and
+build_world.py that trains its models), loading, checkpoints, resume, torchrun. Offline, CPU, a few minutes.
 
     pytest -q test_vlrm.py     (conftest.py provides the tiny test world and the offline environment)
 
@@ -7,11 +7,14 @@ Read the first group to learn the method. Each test pins one rule of VLRM that a
 would break: the return of a token (gamma = 1, the penalties still to come), where each penalty lands,
 that the rollout samples the policy itself and the update reproduces its log-probs, that the advantage
 uses the critic from before its update and is scaled but not centred, that the entropy bonus is a bonus
-and the KL penalty a charge, and that each baseline is what design choice 9 says. The second group,
-below the divider, tests the machinery: the world, loading, checkpoints, resume, errors, torchrun.
+and the KL penalty a charge, that training and evaluation count the same words and phrases, and that each
+baseline is what design choice 9 says. They check what the functions and train() return, not the order
+of the calls inside train(). The second group, below the divider, tests the machinery: the world,
+loading, checkpoints, resume, errors, torchrun.
 """
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -28,11 +31,18 @@ import pytest
 import torch
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, OPTForCausalLM, PreTrainedTokenizerFast
 
+import bench_paper
+import build_world
 import shapes
 import vlrm
 
 
 REPO = Path(__file__).parent
+
+
+def pixels(images) -> torch.Tensor:
+    """The world's uint8 images (B, 48, 48, 3) as its models read them: (B, 3, 48, 48)."""
+    return build_world.world_pixels(shapes.PRESETS["test"])(images)
 
 
 def run_env():
@@ -62,7 +72,7 @@ def sampled_batch(world, model, n, max_new_tokens):
     """Pure samples for the first n test images, seed 1: soft prefix (B, Q, H), tokens and mask (B, T)."""
     torch.manual_seed(1)
     with torch.no_grad():
-        prefix = vlrm.soft_prefix(model, model.vision_model(shapes.pixel_values(world.images("test")[:n])).last_hidden_state)
+        prefix = vlrm.soft_prefix(model, model.vision_model(pixels(world.images("test")[:n])).last_hidden_state)
         tokens, mask = vlrm.rollout(model, prefix, max_new_tokens=max_new_tokens)
     return prefix, tokens, mask
 
@@ -89,7 +99,7 @@ def test_returns_to_go_with_gamma_one():
 def test_penalties_land_on_the_right_tokens():
     pieces = ["</s>", "a", " green", " circle", "an", " image", " of", " in", " 2019", " a"]
     tok = WordTokenizer(pieces)
-    regex = re.compile(vlrm.Config.bad_phrases)
+    regex = vlrm.bad_phrase_regex(vlrm.Config.bad_phrases)
     # "an image of a green circle in 2019</s>" ; "a green circle a green circle</s>"
     seqs = torch.tensor([[4, 5, 6, 9, 2, 3, 7, 8, 0], [1, 2, 3, 9, 2, 3, 0, 0, 0]])
     mask = torch.tensor([[1.0] * 9, [1.0] * 7 + [0.0] * 2])
@@ -103,7 +113,7 @@ def test_repeat_penalty_needs_the_whole_ngram():
     """'green circle' comes back, but no word 3-gram does: ngram=3 charges nothing, ngram=2 the second 'circle'."""
     tok = WordTokenizer(["</s>", "a", " green", " circle", " and"])
     seqs = torch.tensor([[1, 2, 3, 4, 2, 3, 0]])  # "a green circle and green circle</s>"
-    mask, regex = torch.ones(1, 7), re.compile(vlrm.Config.bad_phrases)
+    mask, regex = torch.ones(1, 7), vlrm.bad_phrase_regex(vlrm.Config.bad_phrases)
     assert vlrm.penalties(seqs, mask, tok, regex, ngram=3)[1].sum() == 0
     assert vlrm.penalties(seqs, mask, tok, regex, ngram=2)[1].tolist() == [[0, 0, 0, 0, 0, 1, 0]]
 
@@ -114,7 +124,7 @@ def test_rollout_is_pure_sampling(world, policy):
     """The update's log-probs must be those of the distribution that drew the samples: compare with
     generate()'s own per-step scores (no top-k, no min length, nothing warped)."""
     model, _ = policy
-    px = shapes.pixel_values(world.images("test")[:4])
+    px = pixels(world.images("test")[:4])
     with torch.no_grad():
         prefix = vlrm.soft_prefix(model, model.vision_model(px).last_hidden_state)
         embeds = vlrm._prompt(model, prefix)
@@ -145,7 +155,7 @@ def test_rollout_mask_covers_the_eos_and_nothing_after(world, policy):
 
 def test_logprobs_match_blip2_logits(world, policy):
     model, _ = policy
-    px = shapes.pixel_values(world.images("test")[:4])
+    px = pixels(world.images("test")[:4])
     torch.manual_seed(1)
     with torch.no_grad():
         prefix = vlrm.soft_prefix(model, model.vision_model(px).last_hidden_state)
@@ -180,7 +190,7 @@ def test_a2c_step_raises_logprob_of_positive_advantage(world):
     model.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    px = shapes.pixel_values(world.images("test")[:8])
+    px = pixels(world.images("test")[:8])
     with torch.no_grad():
         image_embeds = model.vision_model(px).last_hidden_state
         tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=10)
@@ -195,8 +205,9 @@ def test_a2c_step_raises_logprob_of_positive_advantage(world):
 
     before = seq_logp().detach()
     opt = torch.optim.SGD(params.values(), lr=0.01)  # small: the first-order effect dominates
-    hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
-    vlrm.actor_loss(hidden, tokens, mask, advantages, W, 0.0, mask.sum())["loss"].backward()
+    hidden, valid = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens), mask.bool()
+    logp, entropy = vlrm.kernels.fused_logprob(hidden[valid], W, tokens[valid], with_entropy=True)
+    vlrm.actor_loss(logp, entropy, advantages[valid], 0.0, mask.sum())["loss"].backward()
     assert all(p.grad is not None for p in params.values()) and W.grad is None
     opt.step()
     change = seq_logp().detach() - before
@@ -204,25 +215,19 @@ def test_a2c_step_raises_logprob_of_positive_advantage(world):
     assert change[0::2].sum() > change[1::2].sum()
 
 
-def test_advantages_use_the_critic_from_before_its_update(world_root, world, tmp_path, monkeypatch):
+def test_advantages_use_the_critic_from_before_its_update(world_root, world, tmp_path):
     """Design choice 1: each step's advantage A = R - V takes V before step 2 fits the value head to these
-    returns: the baseline handed to scaled_advantages is the very V that step 2's loss then regresses."""
-    monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
-    calls, scaled_advantages, critic_loss = [], vlrm.scaled_advantages, vlrm.critic_loss
-
-    def spy_advantages(returns, baseline, *args):
-        calls.append(("advantages", baseline.clone()))
-        return scaled_advantages(returns, baseline, *args)
-
-    def spy_critic(values, *args):
-        calls.append(("critic", values.detach().clone()))
-        return critic_loss(values, *args)
-    monkeypatch.setattr(vlrm, "scaled_advantages", spy_advantages)
-    monkeypatch.setattr(vlrm, "critic_loss", spy_critic)
-    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "r", 2, "--kl-coef", "0")))
-    assert [what for what, _ in calls] == ["advantages", "critic"] * 2
-    for (_, baseline), (_, values) in zip(calls[0::2], calls[1::2]):
-        assert torch.equal(baseline, values)
+    returns. So the critic's learning rate cannot change the first actor update: with no warm-up, one step
+    at value_lr 1e-3 and one at 1.0 move the critic apart and leave the policy bit for bit the same."""
+    runs = {lr: tmp_path / f"lr{lr}" for lr in ("1e-3", "1.0")}
+    for lr, run in runs.items():
+        vlrm.train(vlrm.parse_config(train_args(world_root, run, 1, "--value-warmup", "0", "--value-lr", lr)))
+    policies = [torch.load(run / "checkpoint/vlrm-trainable.pt") for run in runs.values()]
+    critics = [torch.load(run / "checkpoint/trainer.pt", weights_only=False)["value_head"] for run in runs.values()]
+    start = vlrm.trainable_parameters(vlrm.load_policy(world.path("captioner"))[0])
+    assert any(not torch.equal(policies[0][k], start[k]) for k in start)  # the actor did update
+    assert any(not torch.equal(critics[0][k], critics[1][k]) for k in critics[0])  # the critics differ
+    assert all(torch.equal(policies[0][k], policies[1][k]) for k in policies[0])  # the actors do not
 
 
 def test_advantages_are_scaled_by_their_std_not_centred():
@@ -240,8 +245,9 @@ def test_actor_loss_subtracts_the_entropy_bonus(world, policy):
     prefix, tokens, mask = sampled_batch(world, model, 4, max_new_tokens=8)
     with torch.no_grad():
         hidden = vlrm.caption_states(model, prefix, tokens)
-    W = model.language_model.get_output_embeddings().weight
-    out = vlrm.actor_loss(hidden, tokens, mask, torch.randn(mask.shape) * mask, W, 0.5, mask.sum())
+    W, valid = model.language_model.get_output_embeddings().weight, mask.bool()
+    logp, entropy = vlrm.kernels.fused_logprob(hidden[valid], W, tokens[valid], with_entropy=True)
+    out = vlrm.actor_loss(logp, entropy, torch.randn(len(logp)), 0.5, mask.sum())
     assert out["entropy"] > 0
     assert torch.allclose(out["loss"], out["policy"] - 0.5 * out["entropy"])  # a bonus: maximised, not minimised
 
@@ -254,15 +260,15 @@ def test_kl_penalty_measures_the_move_away_from_the_base(world):
     base = vlrm.frozen_base(model)
     assert base.language_model is model.language_model and base.vision_model is model.vision_model
     assert base.qformer is not model.qformer and not any(p.requires_grad for p in base.parameters())
-    px = shapes.pixel_values(world.images("test")[:4])
+    px = pixels(world.images("test")[:4])
     W = model.language_model.get_output_embeddings().weight
     with torch.no_grad():
         image_embeds = model.vision_model(px).last_hidden_state
         tokens, mask = vlrm.rollout(model, vlrm.soft_prefix(model, image_embeds), max_new_tokens=10)
 
         def ratio():
-            hidden = vlrm.caption_states(model, vlrm.soft_prefix(model, image_embeds), tokens)
-            return vlrm.log_ratio_to_base(base, image_embeds, hidden, tokens, mask, W)
+            logp = vlrm.sampled_logprobs(model, image_embeds, tokens, mask.bool(), W)  # the policy's log pi
+            return vlrm.log_ratio_to_base(base, image_embeds, tokens, mask, logp, W)
         assert ratio().abs().max() < 1e-5
         model.language_projection.weight.add_(torch.randn_like(model.language_projection.weight))  # the policy moves
         moved, valid = ratio(), mask.bool()
@@ -270,20 +276,35 @@ def test_kl_penalty_measures_the_move_away_from_the_base(world):
     assert not torch.equal(base.language_projection.weight, model.language_projection.weight)
 
 
-def test_kl_penalty_is_charged_not_paid(world_root, world, tmp_path, monkeypatch):
-    """Every sampled token pays kl_coef * (log pi - log pi_base): with a log ratio of 1 and no other
-    penalty, the penalty handed to returns_to_go is +kl_coef on every position."""
-    monkeypatch.setattr(vlrm.kernels, "BACKEND", "torch")
-    monkeypatch.setattr(vlrm, "penalties", lambda tokens, mask, *a: (torch.zeros_like(mask), torch.zeros_like(mask)))
-    monkeypatch.setattr(vlrm, "log_ratio_to_base", lambda base, embeds, hidden, tokens, mask, W: torch.ones_like(mask))
-    seen, returns_to_go = [], vlrm.returns_to_go
+def test_kl_penalty_is_charged_not_paid():
+    """Design choice 8: every sampled token pays kl_coef * (log pi - log pi_base). With c = 0.5, a log ratio
+    of 1 at every token and no other penalty, R(t_k) falls by 0.5 per remaining token; R(t_1) = r - 0.5 T."""
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])  # the second caption: 2 tokens
+    none = torch.zeros_like(mask)
+    penalty = vlrm.token_penalty(none, none, torch.ones_like(mask) * mask, w_bad=2.0, w_repeat=1.0, kl_coef=0.5)
+    returns = vlrm.returns_to_go(torch.tensor([3.0, 3.0]), penalty, mask)
+    assert returns.tolist() == [[1.0, 1.5, 2.0, 2.5], [2.0, 2.5, 0.0, 0.0]]
+    assert torch.equal(vlrm.token_penalty(none, none, None, 2.0, 1.0, 0.5), none)  # no base model: no charge
 
-    def spy(reward, penalty, mask):
-        seen.append(penalty.clone())
-        return returns_to_go(reward, penalty, mask)
-    monkeypatch.setattr(vlrm, "returns_to_go", spy)
-    vlrm.train(vlrm.parse_config(train_args(world_root, tmp_path / "r", 1, "--kl-coef", "0.5")))
-    assert len(seen) == 1 and torch.equal(seen[0], torch.full_like(seen[0], 0.5))
+
+def test_training_and_evaluation_charge_the_same_words_and_phrases():
+    """One definition of a word and of a bad phrase: a mixed-case caption with a filler phrase and a repeated
+    3-gram costs what eval.py counts. The filler, capitalised, is charged once and counted; "a red circle"
+    comes back once, charged at its second "circle" and counted; "Red" and "red" are one word."""
+    import eval as evaluation
+    caption = "An image of a red circle, a Red circle"
+    pieces = ["</s>", "An", " image", " of", " a", " red", " circle", ",", " Red"]
+    seqs = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 4, 8, 6, 0]])
+    assert "".join(pieces[i] for i in seqs[0, :-1]) == caption  # the tokens spell the caption, then EOS
+    regex = vlrm.bad_phrase_regex(vlrm.Config.bad_phrases)
+    bad, repeat = vlrm.penalties(seqs, torch.ones(1, 11), WordTokenizer(pieces), regex, ngram=3)
+    assert bad[0].tolist() == [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]  # "An image of" ends at "of"
+    assert repeat[0].tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]  # the second "a red circle" ends at "circle"
+    stats = evaluation.caption_stats([caption])
+    assert stats["bad_phrase"] == 1.0 and stats["repeat_3gram"] == 1.0 and stats["loop_3gram"] == 0.0
+    assert stats["words"] == 9 == len(vlrm.words(caption))
+    clean = evaluation.caption_stats(["a red circle with a blue cross"])
+    assert clean["bad_phrase"] == clean["repeat_3gram"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,24 +377,44 @@ def test_caption_grammar_covers_every_attribute():
     assert shapes.rich_caption(scene) == ("a large orange cross at top left on a white background with a small blue "
                                           "circle at top right and a small pink diamond at bottom right")
     assert shapes.describe(scene, 1, size=False, position=False, background=False) == "an orange cross"
-    shallow = [shapes.shallow_caption(scene, rng) for _ in range(200)]
+    shallow = [build_world.shallow_caption(scene, rng) for _ in range(200)]
     assert shallow.count("a cross") > 60  # the commonest caption (45%) names only the main object
     assert 1 <= sum(len(c.split()) > 5 for c in shallow) <= 25  # and a thin tail (5%) gives more detail
-    lm_texts = [shapes.lm_caption(scene, rng) for _ in range(400)]
-    assert any(t.startswith(shapes.FILLERS) for t in lm_texts)  # the LM knows the filler phrases
+    lm_texts = [build_world.lm_caption(scene, rng) for _ in range(400)]
+    assert any(t.startswith(build_world.FILLERS) for t in lm_texts)  # the LM knows the filler phrases
     assert any(re.search(r"in (19|20)\d\d$", t) for t in lm_texts)
+
+
+def test_the_parser_reads_back_every_caption_the_grammar_writes():
+    """shapes.parse_caption inverts the grammar: every object (shape, colour, size, cell), with every choice of
+    attributes named, alone and as the first, second or third object of a caption, with each background or none."""
+    O, S = shapes.Obj, shapes.Scene
+    others = (O("cross", "pink", "small", 4), O("circle", "green", "large", 0))
+    for i, (shape, colour, size, cell) in enumerate(itertools.product(shapes.SHAPES, shapes.COLOURS, shapes.SIZES,
+                                                                      range(9))):
+        obj = O(shape, colour, size, cell)
+        for objects in ((obj,), (obj, *others), (others[0], obj, others[1]), (*others, obj)):
+            for (named_size, named_colour, named_position), background in itertools.product(
+                    itertools.product((True, False), repeat=3), (*shapes.BACKGROUNDS, None)):
+                scene = S(objects, background or "grey")
+                text = shapes.describe(scene, size=named_size, colour=named_colour, position=named_position,
+                                       background=background is not None)
+                named = [{"shape": o.shape, **({"size": o.size} if named_size else {}),
+                          **({"colour": o.colour} if named_colour else {}),
+                          **({"position": o.cell} if named_position else {})} for o in objects]
+                assert shapes.parse_caption(vlrm.words(text)) == (named, [], background), text
 
 
 def test_truth_of_partial_captions():
     O, S = shapes.Obj, shapes.Scene
     scene = S((O("cross", "orange", "large", 4), O("circle", "blue", "small", 0)), "white")
     said = S((O("circle", "blue", "small", 0), O("cross", "red", "large", 4)), "black")
-    assert shapes.is_true(said, scene, objects=1, background=False)  # "a small blue circle at top left"
-    assert shapes.is_true(said, scene, objects=2, colour=False, background=False)  # in another order
-    assert not shapes.is_true(said, scene, objects=2, background=False)  # the cross is orange, not red
-    assert not shapes.is_true(said, scene, objects=1)  # the background is white
+    assert build_world.is_true(said, scene, objects=1, background=False)  # "a small blue circle at top left"
+    assert build_world.is_true(said, scene, objects=2, colour=False, background=False)  # in another order
+    assert not build_world.is_true(said, scene, objects=2, background=False)  # the cross is orange, not red
+    assert not build_world.is_true(said, scene, objects=1)  # the background is white
     two_circles = S((O("circle", "blue", "small", 0), O("circle", "blue", "small", 0)), "white")
-    assert not shapes.is_true(two_circles, scene, objects=2)  # one object cannot stand for two
+    assert not build_world.is_true(two_circles, scene, objects=2)  # one object cannot stand for two
 
 
 def test_detailed_captions_show_the_contexts_rl_leads_to():
@@ -382,7 +423,7 @@ def test_detailed_captions_show_the_contexts_rl_leads_to():
     O, rng = shapes.Obj, random.Random(0)
     scene = shapes.Scene((O("cross", "orange", "large", 0), O("circle", "blue", "small", 2),
                           O("diamond", "pink", "small", 8)), "white")
-    captions = [shapes.detailed_caption(scene, rng) for _ in range(600)]
+    captions = [build_world.detailed_caption(scene, rng) for _ in range(600)]
     assert all(re.match(r"an? (large )?(orange )?cross", c) for c in captions)  # the main object first
     both = [c for c in captions if "circle" in c and "diamond" in c]
     assert 0.55 < len(both) / len(captions) < 0.8
@@ -397,13 +438,13 @@ def test_negatives_are_false_and_as_long_as_positives():
     rng = random.Random(0)
     scenes = shapes.make_splits(shapes.PRESETS["test"])["test"][:200]
     for scene in scenes[:100]:
-        assert shapes.rich_caption(shapes.corrupt(scene, rng)) != shapes.rich_caption(scene)
-        assert shapes.false_caption(scene, scenes, rng, rich=1.0) != shapes.rich_caption(scene)
-    positives = [shapes.describe(s, **shapes.true_options(s, rng)) for s in scenes]
-    negatives = [shapes.false_caption(s, scenes, rng) for s in scenes]
+        assert shapes.rich_caption(build_world.corrupt(scene, rng)) != shapes.rich_caption(scene)
+        assert build_world.false_caption(scene, scenes, rng, rich=1.0) != shapes.rich_caption(scene)
+    positives = [shapes.describe(s, **build_world.true_options(s, rng)) for s in scenes]
+    negatives = [build_world.false_caption(s, scenes, rng) for s in scenes]
     words = [np.mean([len(c.split()) for c in texts]) for texts in (positives, negatives)]
     assert abs(words[0] - words[1]) < 0.15 * words[0], words  # length alone cannot tell them apart
-    short = [shapes.false_caption(s, scenes, rng, rich=0.0) for s in scenes]
+    short = [build_world.false_caption(s, scenes, rng, rich=0.0) for s in scenes]
     assert np.mean([len(c.split()) for c in short]) < 0.7 * words[0]
 
 
@@ -411,11 +452,11 @@ def test_binding_twins_move_one_attribute_between_objects():
     """shapes.py design choice 9: a twin holds the same objects' attributes, one of them moved to another object;
     the same describe() options give each a caption that is false of the other."""
     O, S, rng = shapes.Obj, shapes.Scene, random.Random(0)
-    assert shapes.move_attribute(S((O("cross", "orange", "large", 4),), "white"), rng) is None
+    assert build_world.move_attribute(S((O("cross", "orange", "large", 4),), "white"), rng) is None
     scene = S((O("cross", "orange", "large", 0), O("circle", "blue", "small", 2), O("diamond", "pink", "small", 8)), "white")
     kinds = set()
     for _ in range(300):
-        twin = shapes.move_attribute(scene, rng)
+        twin = build_world.move_attribute(scene, rng)
         assert twin.key() != scene.key() and twin.background == scene.background
         assert sorted(o.size for o in twin.objects) == sorted(o.size for o in scene.objects)
         moved = {what for what in ("shape", "colour", "cell")
@@ -423,8 +464,8 @@ def test_binding_twins_move_one_attribute_between_objects():
         assert moved <= {"shape", "colour"} and len(moved) <= 1  # taken (one value doubled) or exchanged (same values)
         assert len({o.cell for o in twin.objects}) == 3  # positions are only ever exchanged
         kinds.add(next(iter(moved)) if moved else "exchange")
-        options = shapes.twin_options(scene, twin, rng, rich=0.5)
-        assert not shapes.is_true(twin, scene, **options) and not shapes.is_true(scene, twin, **options)
+        options = build_world.twin_options(scene, twin, rng, rich=0.5)
+        assert not build_world.is_true(twin, scene, **options) and not build_world.is_true(scene, twin, **options)
     assert kinds == {"shape", "colour", "exchange"}
 
 
@@ -433,7 +474,7 @@ def test_twin_batches_pair_each_scene_with_its_drawn_twin():
     scenes = shapes.make_splits(shapes.PRESETS["test"])["test"][:40]
     images = np.stack([np.asarray(shapes.render(s, 48)) for s in scenes])
     idx = torch.arange(16)
-    batch, pixels, options, pairs = shapes.with_twins(scenes, images, idx, 8, shapes.move_attribute, rng, 0.75, 48)
+    batch, pixels, options, pairs = build_world.with_twins(scenes, images, idx, 8, build_world.move_attribute, rng, 0.75, 48)
     multi = [i for i in range(8) if len(scenes[i].objects) > 1]
     assert len(batch) == len(pixels) == len(options) == 16 and [j for j, _ in pairs] == multi
     for j, k in pairs:
@@ -448,27 +489,27 @@ def test_binding_probes_move_one_attribute_of_the_first_two_objects():
     three = S((O("cross", "orange", "large", 0), O("circle", "blue", "small", 2), O("diamond", "pink", "small", 8)), "white")
     same = S((O("cross", "orange", "large", 0), O("circle", "blue", "small", 2), O("circle", "pink", "small", 8)), "white")
     two = S((O("cross", "orange", "large", 0), O("circle", "blue", "small", 2)), "white")
-    idx, changed = shapes.binding_probe([three, same, two], "steal", "colour")
+    idx, changed = build_world.binding_probe([three, same, two], "steal", "colour")
     assert idx == [0, 1] and shapes.describe(changed[0], objects=2) == (
         "a large orange cross at top left on a white background with a small pink circle at top right")
-    assert shapes.binding_probe([three, same, two], "steal", "shape")[0] == [0]  # the circles share the shape
-    idx, changed = shapes.binding_probe([three, same, two], "swap", "cell")
+    assert build_world.binding_probe([three, same, two], "steal", "shape")[0] == [0]  # the circles share the shape
+    idx, changed = build_world.binding_probe([three, same, two], "swap", "cell")
     assert idx == [0, 1, 2] and shapes.describe(changed[2], objects=2) == (
         "a large orange cross at top right on a white background with a small blue circle at top left")
 
 
-def test_pixel_values_match_the_saved_processor(world):
-    processor = vlrm.Blip2Processor.from_pretrained(world.path("captioner"))
-    images = world.images("test")[:4]
-    ours = shapes.pixel_values(images)
-    theirs = processor(images=[vlrm.Image.fromarray(np.array(i)) for i in images], return_tensors="pt")["pixel_values"]
-    assert torch.allclose(ours, theirs, atol=1e-5)
+def test_saved_processors_normalise_as_the_build_did(world):
+    """A run normalises with the processors saved beside the models; the build trained them on shapes.MEAN/STD."""
+    images = np.array(world.images("test")[:4])
+    for model in ("captioner", "itm"):
+        processor = vlrm.Blip2Processor.from_pretrained(world.path(model))
+        assert torch.equal(vlrm.processor_normalizer(processor, "cpu")(torch.from_numpy(images)), pixels(images))
 
 
 # ----------------------------------------------------------------------------------------------------
 # The world on disk: loaders of the paper setting, manifest, corruption, the shipped world
 def test_models_round_trip_through_the_paper_loaders(world, tmp_path):
-    px = shapes.pixel_values(world.images("test")[:3])
+    px = pixels(world.images("test")[:3])
     policy, processor = vlrm.load_policy(world.path("captioner"))
     policy.save_pretrained(tmp_path / "p")
     processor.save_pretrained(tmp_path / "p")
@@ -478,7 +519,7 @@ def test_models_round_trip_through_the_paper_loaders(world, tmp_path):
         assert torch.equal(policy(pixel_values=px, input_ids=ids).logits, again(pixel_values=px, input_ids=ids).logits)
 
     clip, tokenizer, _ = vlrm.load_clip(world.path("clip"))
-    shapes.save_clip(clip, json.loads(Path(world.path("clip"), "open_clip_config.json").read_text())["model_cfg"],
+    build_world.save_clip(clip, json.loads(Path(world.path("clip"), "open_clip_config.json").read_text())["model_cfg"],
                      tmp_path / "c")
     clip2, _, _ = vlrm.load_clip(f"local-dir:{tmp_path / 'c'}")
     with torch.no_grad():
@@ -492,10 +533,10 @@ def test_models_round_trip_through_the_paper_loaders(world, tmp_path):
     with torch.no_grad():
         library = itm(pixel_values=px, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                       use_image_text_matching_head=True).logits_per_image
-        ours = shapes.itm_logits(itm, itm.vision_model(px).last_hidden_state, enc["input_ids"], enc["attention_mask"])
+        ours = build_world.itm_logits(itm, itm.vision_model(px).last_hidden_state, enc["input_ids"], enc["attention_mask"])
         library_itc = itm(pixel_values=px, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                           use_image_text_matching_head=False).logits_per_image
-        ours_itc = shapes.itc_logits(itm, itm.vision_model(px).last_hidden_state, enc["input_ids"], enc["attention_mask"])
+        ours_itc = build_world.itc_logits(itm, itm.vision_model(px).last_hidden_state, enc["input_ids"], enc["attention_mask"])
     assert torch.allclose(library, ours, atol=1e-5)  # the build's fast paths are the library's computation
     assert ours_itc.shape == (len(px), 3) and torch.allclose(library_itc, ours_itc, atol=1e-5)
 
@@ -509,7 +550,7 @@ def test_blip2_vision_is_the_reward_clips_image_tower(world):
     """BLIP-2's ViT is a CLIP image tower: the converted weights compute CLIP's image embedding exactly."""
     clip, _, _ = vlrm.load_clip(world.path("clip"))
     policy, _ = vlrm.load_policy(world.path("captioner"))
-    px = shapes.pixel_values(world.images("test")[:4])
+    px = pixels(world.images("test")[:4])
     with torch.no_grad():
         ours = policy.vision_model(px).last_hidden_state[:, 0] @ clip.visual.proj
         assert torch.allclose(ours, clip.encode_image(px), atol=1e-5)
@@ -530,7 +571,7 @@ def test_lm_prefix_puts_the_background_first_as_caption_tokens(world):
     first, each the very token the caption uses for it."""
     tok = PreTrainedTokenizerFast.from_pretrained(world.path("ref_lm"))
     caption = "a red circle at top left on a grey background with a blue cross"
-    ids = shapes.content_ids(caption, tok, world.config.num_query_tokens)
+    ids = build_world.content_ids(caption, tok, world.config.num_query_tokens)
     words = [tok.decode([i]).strip() for i in ids if i != tok.pad_token_id]
     assert words == ["grey", "red", "circle", "top", "left", "with", "blue", "cross"]
     assert set(ids) - {tok.pad_token_id} <= set(tok(caption)["input_ids"])
@@ -538,39 +579,40 @@ def test_lm_prefix_puts_the_background_first_as_caption_tokens(world):
 
 
 def test_world_manifest_detects_stale_and_corrupt_caches(world, tmp_path):
-    assert shapes._manifest_problem(world.root, world.config) is None
+    assert shapes.manifest_problem(world.root, world.config) is None
     copy = tmp_path / "copy"
     shutil.copytree(world.root, copy)
-    assert "stale" in shapes._manifest_problem(copy, dataclasses.replace(world.config, seed=5))
+    assert "stale" in shapes.manifest_problem(copy, dataclasses.replace(world.config, seed=5))
     weights = next((copy / "captioner").glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
-    assert "corrupt" in shapes._manifest_problem(copy, world.config)
+    assert "corrupt" in shapes.manifest_problem(copy, world.config)
     (copy / "manifest.json").unlink()
-    assert "no readable manifest" in shapes._manifest_problem(copy, world.config)
+    assert "no readable manifest" in shapes.manifest_problem(copy, world.config)
 
 
 def test_world_builds_leave_no_temp_folders(tmp_path, monkeypatch):
     """A killed build's temp folder is removed by the next build; a failed build removes its own; a
-    rebuild replaces the world whole. (build_world is stubbed: only the cache's bookkeeping is tested.)"""
-    def build(cfg, out, quiet=False):
+    rebuild replaces the world whole. (make_world is stubbed: only the cache's bookkeeping is tested.)"""
+    def make_world(cfg, out, quiet=False):
         out.mkdir()
         (out / "manifest.json").write_text(json.dumps({"world_version": shapes.WORLD_VERSION,
                                                        "config": dataclasses.asdict(cfg), "files": {}}))
         (out / "scenes.json").write_text("{}")
         if fail:
             raise RuntimeError("build failed")
-    monkeypatch.setattr(shapes, "build_world", build)
+    monkeypatch.setattr(build_world, "make_world", make_world)
     (tmp_path / ".test-seed0.tmp-99999").mkdir()  # a build killed earlier
     fail = True
     with pytest.raises(RuntimeError):
-        shapes.load_world("test", root=tmp_path)
+        build_world.build("test", root=tmp_path)
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
     fail = False
-    assert shapes.load_world("test", root=tmp_path).root == tmp_path / "test-seed0"
+    assert build_world.build("test", root=tmp_path).root == tmp_path / "test-seed0"
+    assert shapes.load_world("test", root=tmp_path).root == tmp_path / "test-seed0"  # what a run loads
     (tmp_path / "test-seed0" / "old-file").write_text("from the first build")
-    shapes.load_world("test", root=tmp_path, rebuild=True)
+    build_world.build("test", root=tmp_path, force=True)
     assert not (tmp_path / "test-seed0" / "old-file").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".test-seed0.lock", "test-seed0"]
 
@@ -580,26 +622,27 @@ def test_shipped_world_loads_and_checks_every_file(tmp_path):
     the scenes unpack and render into the cache with the build's own checksums, and world/ is not written."""
     ship = shapes.SHIPPED / "default-seed0"
     stamps = {f: f.stat().st_mtime_ns for f in ship.rglob("*")}
-    world = shapes.load_world("default", root=tmp_path, shipped=shapes.SHIPPED, quiet=True)
+    world = shapes.load_world("default", root=tmp_path, shipped=shapes.SHIPPED)
     assert world.root == ship and world.data == tmp_path / "shipped-default-seed0"
     files = json.loads((ship / "manifest.json").read_text())["files"]
     shipped_models = {str(f.relative_to(ship)) for f in ship.rglob("*") if f.is_file() and f.parent != ship}
     assert shipped_models == {rel for rel in files if shapes.is_model_file(rel)}  # no file goes unchecked
     assert set(files) - shipped_models == {"scenes.json", "images_train.npy", "images_val.npy", "images_test.npy"}
-    assert shapes._manifest_problem(world.root, world.config, data=world.data) is None  # all of them, rendered too
+    assert shapes.manifest_problem(world.root, world.config, data=world.data) is None  # all of them, rendered too
     assert {f: f.stat().st_mtime_ns for f in ship.rglob("*")} == stamps
     assert sum(f.stat().st_size for f in ship.rglob("*")) < 25e6  # the size it ships at
     policy, _ = vlrm.load_policy(world.path("captioner"))  # fp16 files, fp32 models
     assert all(p.dtype == torch.float32 for p in policy.parameters())
 
 
-def test_a_corrupt_shipped_world_is_built_into_the_cache(world, tmp_path, capsys):
+def test_a_corrupt_or_missing_world_says_how_to_build_it(world, tmp_path, capsys):
     """The tiny test world stands in for the shipped one. Shipped intact: its images, rendered from its
-    scenes, equal the fresh build's. A file that fails its checksum: a message, the world built into the
-    cache, the shipped copy left as it is."""
+    scenes, equal the fresh build's. A file that fails its checksum: a run is told how to restore or build
+    the world; once build_world.py has built it into the cache, that build is used, with a message. The
+    shipped copy is never written. A world never built: the command that builds it."""
     shipped, cache = tmp_path / "shipped", tmp_path / "cache"
-    ship = shapes.ship_world(world, shipped)
-    intact = shapes.load_world("test", root=cache, shipped=shipped, quiet=True)
+    ship = build_world.ship_world(world, shipped)
+    intact = shapes.load_world("test", root=cache, shipped=shipped)
     assert intact.root == ship
     for split in ("train", "val", "test"):
         assert np.array_equal(intact.images(split), world.images(split))
@@ -608,12 +651,20 @@ def test_a_corrupt_shipped_world_is_built_into_the_cache(world, tmp_path, capsys
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
     stamps = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in ship.rglob("*") if f.is_file()}
+    with pytest.raises(shapes.WorldUnavailable, match=r"corrupt: clip/open_clip_model.safetensors.*git checkout -- "
+                                                      r"world.*python build_world.py --preset test"):
+        shapes.load_world("test", root=cache, shipped=shipped)
+    shutil.copytree(world.root, cache / "test-seed0")  # what build_world.build would write there
     capsys.readouterr()
-    built = shapes.load_world("test", root=cache, shipped=shipped, quiet=True)
-    err = capsys.readouterr().err
-    assert "corrupt: clip/open_clip_model.safetensors" in err and "left as it is" in err
-    assert built.root == cache / "test-seed0" and shapes._manifest_problem(built.root, built.config) is None
+    built = shapes.load_world("test", root=cache, shipped=shipped)
+    assert "corrupt: clip/open_clip_model.safetensors" in capsys.readouterr().err
+    assert built.root == cache / "test-seed0" and shapes.manifest_problem(built.root, built.config) is None
     assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in ship.rglob("*") if f.is_file()} == stamps
+    with pytest.raises(shapes.WorldUnavailable, match=r"not built.*python build_world.py --preset test --root"):
+        shapes.load_world("test", root=tmp_path / "empty")
+    proc = subprocess.run([sys.executable, "vlrm.py", "--world", "test", "--world-root", str(tmp_path / "empty")],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "python build_world.py --preset test" in proc.stderr
 
 
 def test_world_report_shows_the_gap(world):
@@ -762,6 +813,21 @@ def test_readme_links_to_vlrm_lines_name_their_functions():
                 or (name.startswith("step ") and f"# {name}:" in target)), (name, line, target)
 
 
+def test_a_config_resolves_in_one_place(world_root, world, tmp_path):
+    """train(Config()) needs no command line: resolve_config fills what the flags would, and says what a
+    Config lacks, before anything loads."""
+    given = dict(world="test", world_root=str(world_root), steps=1, batch_size=4, max_new_tokens=6, val_size=8,
+                 kernels="torch", run_dir=str(tmp_path / "r"))
+    resolved = vlrm.resolve_config(vlrm.Config(**given))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in given.items()]
+    assert resolved == vlrm.parse_config(flags) == vlrm.resolve_config(resolved)
+    assert resolved.policy == world.path("captioner") and resolved.w_clip == vlrm.REWARDS["vlrm-rs"]["w_clip"]
+    vlrm.train(vlrm.Config(**given))
+    assert (tmp_path / "r/checkpoint/trainer.pt").is_file()
+    with pytest.raises(vlrm.UsageError, match="--preset paper needs --images"):
+        vlrm.train(vlrm.Config(preset="paper"))
+
+
 def test_presets_fill_only_what_is_not_given():
     """shapes adds the entropy bonus and the KL penalty; paper keeps the paper's pure A2C; a flag, even 0, wins."""
     shapes_cfg = vlrm.parse_config([])
@@ -813,7 +879,7 @@ def test_unknown_model_and_checkpoint_errors(world_root, world, tmp_path):
 # The paper setting: real architecture, bf16, any folder of images, many ranks
 def test_paper_architecture_trains_what_the_authors_released():
     with torch.device("meta"):
-        model = Blip2ForConditionalGeneration(vlrm.blip2_opt_2_7b_config())
+        model = Blip2ForConditionalGeneration(bench_paper.blip2_opt_2_7b_config())
     params = vlrm.trainable_parameters(model)
     assert sum(p.numel() for p in params.values()) == 107_130_880  # the released file's parameter count
     assert {n.split(".")[0] for n in params} == {"query_tokens", "qformer", "language_projection"}
@@ -900,7 +966,7 @@ def _rank_losses(rank, world_size, port, captioner, out, baseline):
     for p in params.values():
         p.requires_grad_(True)
     value_head = vlrm.ValueHead(model.config.text_config.word_embed_proj_dim)
-    px = shapes.pixel_values(np.load(Path(captioner).parent / "images_test.npy")[:8])
+    px = pixels(np.load(Path(captioner).parent / "images_test.npy")[:8])
     with torch.no_grad():
         embeds = model.vision_model(px).last_hidden_state
         torch.manual_seed(1)
@@ -918,7 +984,9 @@ def _rank_losses(rank, world_size, port, captioner, out, baseline):
     else:
         b = vlrm.batch_baseline(returns, mask, vlrm.all_sum)
     advantages = vlrm.scaled_advantages(returns, b, mask, vlrm.all_sum)
-    total = (vlrm.actor_loss(hidden, tokens[part], mask, advantages, W, 0.01, n_valid)["loss"]
+    valid = mask.bool()
+    logp, entropy = vlrm.kernels.fused_logprob(hidden[valid], W, tokens[part][valid], with_entropy=True)
+    total = (vlrm.actor_loss(logp, entropy, advantages[valid], 0.01, n_valid)["loss"]
              + vlrm.critic_loss(values, returns, mask, n_valid))
     total.backward()
     vlrm.sync_gradients(list(params.values()) + list(value_head.parameters()))

@@ -8,7 +8,8 @@ that keeps the text natural and penalties that stop the policy from gaming those
 
 Run:
     python vlrm.py --steps 5000                      # the miniature world shipped in world/, CPU
-    python vlrm.py --steps 20 --world test           # a smoke run on the tiny test world (built in a minute)
+    python vlrm.py --steps 20 --world test           # a smoke run on the tiny test world (first build it, in a
+                                                     # minute: python build_world.py --preset test)
     python vlrm.py --steps 5000 --resume             # continue a killed run (same flags) where it stopped
     python vlrm.py --baseline rloo --samples-per-image 4   # a group baseline instead of the critic
     python vlrm.py --preset paper --images DIR       # BLIP-2 OPT-2.7B on a folder of images, one GPU
@@ -68,17 +69,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration,
-                          Blip2ForImageTextRetrieval, Blip2Processor, Blip2QFormerConfig, Blip2VisionConfig,
-                          DynamicCache, OPTConfig)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Blip2ForConditionalGeneration,
+                          Blip2ForImageTextRetrieval, Blip2Processor, DynamicCache)
 
 import kernels
 import shapes
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config: one dataclass, every field documented. Fields left at None are filled by PRESETS, REWARDS (the
-# w_* weights) and, in the shapes preset, by the world's model folders at the start of train().
+# Config: one dataclass, every field documented. Fields left at None are filled in one place,
+# resolve_config (below the divider): from PRESETS, REWARDS (the w_* weights) and, in the shapes preset,
+# the world's model folders. train(Config()) runs the default.
 def arg(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -106,7 +107,8 @@ class Config:
     w_bad: float = arg(None, "penalty per bad phrase (filler such as 'an image of', or a year)")
     w_repeat: float = arg(None, "penalty per repeated word n-gram")
     bad_phrases: str = arg("an image of|a picture of|a photo of|a video of|\\b(1[89]|20)\\d\\d\\b",
-                           "regex of unwanted phrases, '|'-separated; the default ends with a year pattern")
+                           "regex of unwanted phrases, '|'-separated, matched ignoring case; the default ends "
+                           "with a year pattern")
     repeat_ngram: int = arg(3, "n of the word n-grams whose repetition is penalised")
     itm_max_length: int = arg(None, "ITM text limit in tokens (LAVIS BLIP2-ITM: 32); longer tails are invisible")
     # optimisation
@@ -227,13 +229,12 @@ def sampled_logprobs(model, image_embeds, tokens, valid, lm_head) -> torch.Tenso
 
 
 @torch.no_grad()
-def log_ratio_to_base(base, image_embeds, hidden, tokens, mask, lm_head) -> torch.Tensor:
+def log_ratio_to_base(base, image_embeds, tokens, mask, logp, lm_head) -> torch.Tensor:
     """log pi(t_k) - log pi_base(t_k) at each sampled token -> (B, T), 0 after EOS. Its sum over a caption
-    is a one-sample estimate of KL(pi || pi_base); hidden (B, T, H) are the policy's caption states."""
+    is a one-sample estimate of KL(pi || pi_base); logp (N,) is the policy's log pi of the valid tokens."""
     valid = mask.bool()
     out = torch.zeros_like(mask)
-    out[valid] = (kernels.fused_logprob(hidden.detach()[valid], lm_head, tokens[valid])
-                  - sampled_logprobs(base, image_embeds, tokens, valid, lm_head))
+    out[valid] = logp.detach() - sampled_logprobs(base, image_embeds, tokens, valid, lm_head)
     return out
 
 
@@ -281,12 +282,8 @@ def itm_reward(spec: str, max_length: int, device, dtype):
     processor = _load(Blip2Processor, spec)
     tokenizer, to_pixels = processor.tokenizer, processor_normalizer(processor, device)
 
-    @torch.no_grad()
     def reward(images, captions):
-        enc = tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-        out = model(pixel_values=to_pixels(images).to(dtype), input_ids=enc["input_ids"],
-                    attention_mask=enc["attention_mask"], use_image_text_matching_head=True)
-        return out.logits_per_image[:, 1].float()
+        return itm_score(model, tokenizer, to_pixels(images).to(dtype), captions, max_length)
     reward.limit = max_length
     reward.token_counts = lambda captions: [len(ids) for ids in tokenizer(captions)["input_ids"]]
     return reward
@@ -299,22 +296,64 @@ def ref_lm_reward(spec: str, policy, policy_tokenizer, device, dtype):
     else:
         lm = _load(AutoModelForCausalLM, spec, dtype=dtype).to(device).eval().requires_grad_(False)
         tokenizer = _load(AutoTokenizer, spec)
+    return lambda images, captions: ref_lm_score(lm, tokenizer, captions)
 
-    @torch.no_grad()
-    def reward(images, captions):
-        enc = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, padding_side="right",
-                        return_tensors="pt").to(device)  # right: position 0 of every row is BOS
-        logits = lm(**enc).logits[:, :-1].float()
-        ids, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].float()
-        logp = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
-        return (logp * mask).sum(1) / mask.sum(1)
-    return reward
+
+@torch.no_grad()
+def itm_score(model, tokenizer, pixels, captions, max_length: int) -> torch.Tensor:
+    """The ITM head's match logit (B,) of pixels (B, 3, S, S) and captions; text cut at max_length tokens."""
+    enc = tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    out = model(pixel_values=pixels, input_ids=enc["input_ids"].to(pixels.device),
+                attention_mask=enc["attention_mask"].to(pixels.device), use_image_text_matching_head=True)
+    return out.logits_per_image[:, 1].float()
+
+
+@torch.no_grad()
+def ref_lm_score(lm, tokenizer, captions) -> torch.Tensor:
+    """Mean log-prob (B,) of each caption and its EOS under a causal LM."""
+    enc = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, padding_side="right",
+                    return_tensors="pt").to(lm.device)  # right: position 0 of every row is BOS
+    logits = lm(**enc).logits[:, :-1].float()
+    ids, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].float()
+    logp = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+    return (logp * mask).sum(1) / mask.sum(1)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The method, 3: penalties, returns, baselines and the losses of steps 2 and 3. Sums over torchrun's
 # ranks are the `total` argument (all_sum in train(); the identity in one process), so that the figures
 # are those of the combined batch.
+WORD = re.compile(r"[a-z0-9]+", re.IGNORECASE)  # what a word is: "Cat's" holds the words cat and s
+
+
+def words(text: str) -> list[str]:
+    """A text's words, lower-cased: what the repetition penalty counts, and every text metric of eval.py."""
+    return [w.lower() for w in WORD.findall(text)]
+
+
+def mean_words(captions: list[str]) -> float:
+    """Mean words per caption: charts/caption_len, val/caption_len and eval.py's words per caption."""
+    return float(np.mean([len(words(c)) for c in captions]))
+
+
+def bad_phrase_regex(pattern: str) -> re.Pattern:
+    """--bad-phrases, compiled to match whatever the case: "An image of" is as bad as "an image of"."""
+    return re.compile(pattern, re.IGNORECASE)
+
+
+def penalty_ends(text: str, bad_regex: re.Pattern, ngram: int) -> tuple[list[int], list[int]]:
+    """Where a caption's penalties fall, as character offsets: the end of each unwanted phrase, and the end
+    of each word n-gram that already occurred in it. eval.py's bad-phrase and repetition rates count these."""
+    found = [(w.group().lower(), w.end()) for w in WORD.finditer(text)]
+    seen, repeat_ends = set(), []
+    for i in range(ngram - 1, len(found)):
+        gram = tuple(w for w, _ in found[i - ngram + 1: i + 1])
+        if gram in seen:
+            repeat_ends.append(found[i][1])
+        seen.add(gram)
+    return [m.end() for m in bad_regex.finditer(text)], repeat_ends
+
+
 def penalties(tokens, mask, tokenizer, bad_regex: re.Pattern, ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position penalties (B, T): bad[b, s] = number of unwanted phrases that end at token s;
     repeat[b, s] = 1 where token s completes a word n-gram that already occurred in the caption."""
@@ -327,18 +366,19 @@ def penalties(tokens, mask, tokenizer, bad_regex: re.Pattern, ngram: int) -> tup
     for b in range(B):
         texts = [piece[i] for i in ids[b]]
         ends = np.cumsum([len(t) for t in texts])  # char offset just after token s
-        text = "".join(texts)
-        for m in bad_regex.finditer(text):
-            bad[b, int(np.searchsorted(ends, m.end()))] += 1
-        # words without punctuation or case, each with the token that completes it
-        words = [(w.group().lower(), int(np.searchsorted(ends, w.end()))) for w in re.finditer(r"[\w']+", text)]
-        seen = set()
-        for i in range(ngram - 1, len(words)):
-            gram = tuple(w for w, _ in words[i - ngram + 1: i + 1])
-            if gram in seen:
-                repeat[b, words[i][1]] = 1.0
-            seen.add(gram)
+        bad_ends, repeat_ends = penalty_ends("".join(texts), bad_regex, ngram)
+        for end in bad_ends:
+            bad[b, int(np.searchsorted(ends, end))] += 1
+        for end in repeat_ends:  # the token that completes the word
+            repeat[b, int(np.searchsorted(ends, end))] = 1.0
     return bad, repeat
+
+
+def token_penalty(bad, repeat, log_ratio, w_bad: float, w_repeat: float, kl_coef: float) -> torch.Tensor:
+    """penalty(s) (B, T) of design choice 2: w_bad * bad + w_repeat * repeat, plus the KL charge of choice 8,
+    kl_coef * (log pi - log pi_base) at every sampled token (log_ratio None: no charge)."""
+    penalty = w_bad * bad + w_repeat * repeat
+    return penalty if log_ratio is None else penalty + kl_coef * log_ratio
 
 
 def returns_to_go(sequence_reward, penalty, mask) -> torch.Tensor:
@@ -378,16 +418,13 @@ def critic_loss(values, returns, mask, n_valid) -> torch.Tensor:
     return ((values - returns) ** 2 * mask).sum() / n_valid
 
 
-def actor_loss(hidden, tokens, mask, advantages, lm_head, ent_coef: float, n_valid) -> dict:
-    """Step 3: the policy gradient -A_k log pi(t_k), minus the entropy bonus, per valid token. hidden
-    (B, T, H) carries the graph into the Q-Former; tokens, mask, advantages (B, T). -> {"loss": what
-    step 3 backpropagates, "policy": -A log pi alone, "entropy": mean entropy, "logp": (N,) log pi(t_k)}"""
-    valid = mask.bool()
-    logp, entropy = kernels.fused_logprob(hidden[valid], lm_head, tokens[valid], with_entropy=True)  # (N,) each
-    policy_loss = -(advantages[valid] * logp).sum() / n_valid  # raise log pi(t_k) where A_k > 0
+def actor_loss(logp, entropy, advantages, ent_coef: float, n_valid) -> dict:
+    """Step 3: the policy gradient -A_k log pi(t_k), minus the entropy bonus, per valid token. logp and
+    entropy (N,) of the valid tokens carry the graph into the Q-Former; advantages (N,).
+    -> {"loss": what step 3 backpropagates, "policy": -A log pi alone, "entropy": the mean entropy}"""
+    policy_loss = -(advantages * logp).sum() / n_valid  # raise log pi(t_k) where A_k > 0
     entropy_mean = entropy.sum() / n_valid
-    return {"loss": policy_loss - ent_coef * entropy_mean, "policy": policy_loss, "entropy": entropy_mean.detach(),
-            "logp": logp.detach()}
+    return {"loss": policy_loss - ent_coef * entropy_mean, "policy": policy_loss, "entropy": entropy_mean}
 
 
 def explained_variance(baseline, returns, mask) -> float:
@@ -409,11 +446,12 @@ def approx_kl(policy, image_embeds, tokens, valid, logp_before, lm_head) -> floa
 # ----------------------------------------------------------------------------------------------------
 # Training: load everything, then the loop of three steps.
 def train(cfg: Config) -> Path:
+    cfg = resolve_config(cfg)  # every field filled: presets, reward weights, the world's models, run_dir
     rank, world_size, device, own_group = init_distributed(cfg)
     main_rank, run_dir = rank == 0, Path(cfg.run_dir)
     dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
     ckpt = checkpoint_to_resume(cfg, run_dir, main_rank)
-    world = world_models(cfg, rank)  # shapes preset: the miniature world's models fill what cfg leaves at None
+    world = load_world(cfg.world, cfg.world_root) if cfg.preset == "shapes" else None  # training, validation images
     if main_rank:  # the resolved config, every field filled; it is saved with every checkpoint
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
 
@@ -436,7 +474,7 @@ def train(cfg: Config) -> Path:
         rewards["itm"] = itm_reward(cfg.itm, cfg.itm_max_length, device, dtype)
     if cfg.w_ref:
         rewards["ref"] = ref_lm_reward(cfg.ref_lm, policy, tokenizer, device, dtype)
-    bad_regex = re.compile(cfg.bad_phrases)
+    bad_regex = bad_phrase_regex(cfg.bad_phrases)
     actor_opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     value_head, critic_opt, first_actor_step = None, None, 0  # rloo and batch: no critic, nothing to warm up
     if cfg.baseline == "value":  # caption states come out of OPT's project_out: word_embed_proj_dim wide
@@ -471,17 +509,21 @@ def train(cfg: Config) -> Path:
                 image_embeds = policy.vision_model(to_pixels(images).to(dtype)).last_hidden_state  # frozen ViT, once
 
             # step 1: rollout, returns and the advantage ---------------------------------------------
-            prefix = soft_prefix(policy, image_embeds)  # (B, Q, H), with grad: step 3 backpropagates into it
-            tokens, mask = rollout(policy, prefix, cfg.max_new_tokens)  # (B, T) each; reads the prefix detached
+            update_actor = step > first_actor_step  # during the critic's warm-up, no actor graph is built
+            with torch.set_grad_enabled(update_actor):  # step 3 backpropagates through prefix and hidden
+                prefix = soft_prefix(policy, image_embeds)  # (B, Q, H)
+                tokens, mask = rollout(policy, prefix, cfg.max_new_tokens)  # (B, T) each; reads the prefix detached
+                hidden = caption_states(policy, prefix, tokens)  # (B, T, H), grad into the Q-Former
+                valid = mask.bool()
+                # log pi(t_k) (N,) of the valid tokens, once: for the KL charge and for step 3
+                logp, entropy = kernels.fused_logprob(hidden[valid], lm_head, tokens[valid], with_entropy=True)
             captions = [c.strip() for c in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
             parts = {name: fn(images, captions).float().cpu() for name, fn in rewards.items()}  # each (B,)
             sequence_reward = sum(weights[name] * r for name, r in parts.items())  # (B,)
             bad, repeat = penalties(tokens.cpu(), mask.cpu(), tokenizer, bad_regex, cfg.repeat_ngram)  # (B, T) each
-            penalty = cfg.w_bad * bad + cfg.w_repeat * repeat
-            hidden = caption_states(policy, prefix, tokens)  # (B, T, H), grad into the Q-Former
-            if base is not None:  # design choice 8
-                log_ratio = log_ratio_to_base(base, image_embeds, hidden, tokens, mask, lm_head).cpu()  # (B, T)
-                penalty = penalty + cfg.kl_coef * log_ratio
+            log_ratio = (log_ratio_to_base(base, image_embeds, tokens, mask, logp, lm_head).cpu()
+                         if base is not None else None)  # (B, T): design choice 8
+            penalty = token_penalty(bad, repeat, log_ratio, cfg.w_bad, cfg.w_repeat, cfg.kl_coef)
             returns = returns_to_go(sequence_reward, penalty, mask.cpu()).to(device)  # R(t_k) (B, T)
             values = value_head(hidden.detach()) if value_head is not None else None  # V(s_k), before step 2
             if cfg.baseline == "value":
@@ -508,8 +550,8 @@ def train(cfg: Config) -> Path:
                 critic_opt.step()
 
             # step 3: the actor's loss and update (after the critic's warm-up) ----------------------
-            actor = actor_loss(hidden, tokens, mask, advantages, lm_head, cfg.ent_coef, n_valid)
-            if step > first_actor_step and finite:
+            actor = actor_loss(logp, entropy, advantages[valid], cfg.ent_coef, n_valid)
+            if update_actor and finite:
                 actor_opt.zero_grad(set_to_none=True)
                 actor["loss"].backward()
                 sync_gradients(list(params.values()))
@@ -520,8 +562,8 @@ def train(cfg: Config) -> Path:
                     tqdm.write(f"[warn] step {step}: non-finite gradient; actor step skipped")
 
             # logging: the glossary of every key is in README.md ------------------------------------
-            words = float(np.mean([len(c.split()) for c in captions]))
-            bar.set_postfix(reward=f"{sequence_reward.mean():.3f}", words=f"{words:.1f}")
+            caption_len = mean_words(captions)
+            bar.set_postfix(reward=f"{sequence_reward.mean():.3f}", words=f"{caption_len:.1f}")
             if finite and (step % cfg.log_every == 0 or step == cfg.steps):
                 metrics = {"step": step, "reward/sequence": float(sequence_reward.mean()),
                            **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
@@ -530,18 +572,19 @@ def train(cfg: Config) -> Path:
                            "charts/return": float(returns[:, 0].mean()),
                            **({"losses/value": all_sum(value_loss.detach()).item()} if value_head is not None else {}),
                            "losses/policy": all_sum(actor["policy"].detach()).item(),
-                           "charts/entropy": all_sum(actor["entropy"]).item(), "charts/caption_len": words,
+                           "charts/entropy": all_sum(actor["entropy"].detach()).item(),
+                           "charts/caption_len": caption_len,
                            "charts/caption_tokens": float(mask.sum(1).mean()),
                            "charts/explained_variance": explained_variance(baseline, returns, mask),
-                           "charts/approx_kl": approx_kl(policy, image_embeds, tokens, mask.bool(), actor["logp"],
-                                                         lm_head),
+                           "charts/approx_kl": approx_kl(policy, image_embeds, tokens, valid, logp.detach(), lm_head),
                            "charts/skipped_images": skipped_images,
                            "perf/steps_per_s": iterations / (time.time() - t_last)}
                 if device.type == "cuda":  # peak since the start, weights included
                     metrics["perf/gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 for name in ("clip", "itm"):
                     if name in rewards and rewards[name].token_counts:
-                        metrics[f"charts/{name}_truncated"] = truncated_share(rewards[name], captions)
+                        metrics[f"charts/{name}_truncated"] = truncated_share(rewards[name].token_counts,
+                                                                              rewards[name].limit, captions)
                 t_last, iterations = time.time(), 0
                 if main_rank:
                     append_metrics(run_dir, metrics)
@@ -590,19 +633,6 @@ def _load(cls, spec: str, **kwargs):
             f"  Pass a local folder instead, e.g. one written by save_pretrained, or fetch it where there is a "
             f"network:\n    hf download {spec} --local-dir ./models/{spec.split('/')[-1]}\n"
             f"  then pass that folder. ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-
-
-# Not used by training (it loads by hub id or path): bench_paper.py and the tests build OPT-2.7B BLIP-2 from it.
-def blip2_opt_2_7b_config() -> Blip2Config:
-    """The architecture of Salesforce/blip2-opt-2.7b, written out so that it can be built without a download
-    (on the meta device to count parameters, or with random weights to benchmark a GPU): an EVA ViT-g
-    (the library defaults), a 12-layer Q-Former with 32 queries, OPT-2.7B. The hub's config also has an
-    image token (50265) and ends captions at a newline (eos 50118); neither changes a size or a speed."""
-    opt = OPTConfig(vocab_size=50272, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
-                    max_position_embeddings=2048, word_embed_proj_dim=2560, pad_token_id=1, bos_token_id=2,
-                    eos_token_id=2)
-    return Blip2Config(vision_config=Blip2VisionConfig().to_dict(), qformer_config=Blip2QFormerConfig().to_dict(),
-                       text_config=opt.to_dict(), num_query_tokens=32)
 
 
 def load_policy(spec: str, trainable_state: str | None = None, dtype=torch.float32, device="cpu"):
@@ -682,21 +712,12 @@ def clip_normalizer(model, device):
                       v.image_size[0], device)
 
 
-def world_models(cfg: Config, rank: int) -> shapes.World | None:
-    """Shapes preset: the miniature world (rank 0 first, since it may render or build it), whose model
-    folders fill every model that cfg leaves at None. Other presets: None."""
-    if cfg.preset != "shapes":
-        return None
-    if rank > 0:
-        dist.barrier()
-    world = shapes.load_world(cfg.world, root=cfg.world_root)
-    if rank == 0 and dist.is_initialized():
-        dist.barrier()
-    for key, model in (("policy", "captioner"), ("itm", "itm"), ("ref_lm", "ref_lm"), ("clip", "clip"),
-                       ("judge_clip", "judge_clip")):
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, world.path(model))
-    return world
+def load_world(name: str, root: str | None = None) -> shapes.World:
+    """The miniature world `name` (--world, --world-root), or a UsageError that says how to build it."""
+    try:
+        return shapes.load_world(name, root=root)
+    except shapes.WorldUnavailable as e:
+        raise UsageError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -788,7 +809,7 @@ def make_loader(cfg: Config, world, processor, start: int, rank: int, world_size
     the validation images (N, S, S, 3) uint8, or None without a world)."""
     if world is not None:
         dataset = WorldImages(world.images("train"))
-        val_images = torch.from_numpy(np.array(world.images("val")))[:cfg.val_size]
+        val_images = np.array(world.images("val")[:cfg.val_size])
     else:
         dataset, val_images = ImageFiles(cfg.images, processor.image_processor.size["height"]), None
     sampler = StepSampler(len(dataset), cfg.batch_size // cfg.samples_per_image, start, cfg.steps, cfg.seed, rank,
@@ -1006,33 +1027,53 @@ def load_judge(spec: str, device):
 
 
 @torch.no_grad()
-def greedy_captions(policy, tokenizer, pixels, max_new_tokens, batch=256) -> list[str]:
+def caption_images(policy, tokenizer, to_pixels, images, batch: int = 256, **decoding) -> list[str]:
+    """Captions of uint8 images (N, S, S, 3), `batch` at a time: greedy, unless generate() keywords in
+    `decoding` say otherwise. Validation, eval.py and the world's quality report all caption with it."""
     out = []
-    for i in range(0, len(pixels), batch):
-        ids = policy.generate(pixel_values=pixels[i:i + batch].to(policy.dtype), do_sample=False,
-                              max_new_tokens=max_new_tokens)
+    for i in range(0, len(images), batch):
+        pixels = to_pixels(torch.from_numpy(np.array(images[i:i + batch]))).to(policy.dtype)
+        ids = policy.generate(pixel_values=pixels, **{"do_sample": False, **decoding})
         out += [c.strip() for c in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return out
 
 
 @torch.no_grad()
-def clip_recall(clip_model, clip_tokenizer, to_pixels, images, captions) -> dict:
-    """Text-to-image recall: each caption must find its own image among all of them."""
-    img = torch.cat([clip_model.encode_image(to_pixels(images[i:i + 256])) for i in range(0, len(images), 256)])
-    txt = torch.cat([clip_model.encode_text(clip_tokenizer(captions[i:i + 256]).to(img.device))
-                     for i in range(0, len(captions), 256)])
-    return kernels.recall_at_k(kernels.retrieval_ranks(txt.float(), img.float()))
+def clip_image_embeddings(model, to_pixels, images, batch: int = 256) -> torch.Tensor:
+    """uint8 images (N, S, S, 3) -> CLIP image embeddings (N, D), fp32, not normalised."""
+    return torch.cat([model.encode_image(to_pixels(torch.from_numpy(np.array(images[i:i + batch])))).float()
+                      for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def clip_text_embeddings(model, tokenizer, captions, batch: int = 256) -> tuple[torch.Tensor, list[int]]:
+    """-> CLIP text embeddings (N, D), fp32, cut at its context length, and (N,) text keys: equal keys =
+    the same token ids, one text to CLIP (it lowercases and drops extra spaces: "A circle" = "a  circle").
+    Each distinct text is encoded once, so that copies get bit-identical embeddings, whatever batch they
+    fall in: eval.py's image-to-text ranks count exact ties."""
+    tokens = torch.cat([tokenizer(captions[i:i + batch]) for i in range(0, len(captions), batch)])
+    unique, keys = torch.unique(tokens, dim=0, return_inverse=True)  # (U, L), (N,)
+    device = next(model.parameters()).device
+    emb = torch.cat([model.encode_text(unique[i:i + batch].to(device)).float() for i in range(0, len(unique), batch)])
+    return emb[keys.to(emb.device)], keys.tolist()
+
+
+def clip_recall(model, tokenizer, to_pixels, images, captions) -> dict:
+    """The judge's CLIP Recall, text to image: each caption must find its own image among all of them.
+    -> {"R@1", "R@5", "R@10"}, fractions."""
+    text_emb = clip_text_embeddings(model, tokenizer, captions)[0]
+    return kernels.recall_at_k(kernels.retrieval_ranks(text_emb, clip_image_embeddings(model, to_pixels, images)))
 
 
 def validate(policy, tokenizer, to_pixels, images, recalls, max_new_tokens) -> tuple[dict, list[str]]:
     """Greedy captions of the validation images (N, S, S, 3), and how well each CLIP of `recalls` (name ->
     recall(images, captions)) finds each caption's image: val/judge_r1, val/reward_r1, ..."""
-    captions = greedy_captions(policy, tokenizer, to_pixels(images), max_new_tokens)
+    captions = caption_images(policy, tokenizer, to_pixels, images, max_new_tokens=max_new_tokens)
     val = {}
     for name, recall in recalls.items():
         r = recall(images, captions)
         val.update({f"val/{name}_r1": r["R@1"], f"val/{name}_r5": r["R@5"]})
-    return {**val, "val/caption_len": float(np.mean([len(c.split()) for c in captions]))}, captions
+    return {**val, "val/caption_len": mean_words(captions)}, captions
 
 
 def append_metrics(run_dir: Path, metrics: dict) -> None:
@@ -1040,27 +1081,19 @@ def append_metrics(run_dir: Path, metrics: dict) -> None:
         f.write(json.dumps(metrics) + "\n")
 
 
-def truncated_share(reward_fn, captions) -> float:
-    """Share of captions longer than a reward model's text limit: their tails are invisible to it."""
-    return float(np.mean([n > reward_fn.limit for n in reward_fn.token_counts(captions)]))
+def truncated_share(token_counts, limit: int, captions) -> float:
+    """Share of captions longer than a model's text limit (`token_counts`: captions -> tokens of each):
+    their tails are invisible to it. charts/clip_truncated, charts/itm_truncated, eval.py's own."""
+    return float(np.mean([n > limit for n in token_counts(captions)]))
 
 
 # ----------------------------------------------------------------------------------------------------
-# The command line: flags from Config, checked before anything loads (bad values exit with code 2).
-def parse_config(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" and f.default is False:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    cfg = Config(**vars(parser.parse_args(argv)))
-    problems = []
+# The command line: flags from Config, and the one place where a Config is checked and completed.
+def resolve_config(cfg: Config) -> Config:
+    """A copy of cfg with every field left at None filled, in this order: PRESETS[preset], REWARDS[reward],
+    the world's model folders (shapes preset), run_dir. Every problem raises a UsageError that names it;
+    nothing heavy loads before the checks. A resolved config resolves to itself."""
+    cfg, problems = dataclasses.replace(cfg), []
     if cfg.preset not in PRESETS:
         problems.append(f"--preset must be one of {sorted(PRESETS)}, not {cfg.preset!r}")
     if cfg.reward not in REWARDS:
@@ -1074,7 +1107,7 @@ def parse_config(argv=None) -> Config:
     if cfg.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
     for name in ("steps", "log_every", "val_every", "save_every", "val_size", "repeat_ngram", "itm_max_length",
-                 "samples_per_image"):
+                 "samples_per_image", "batch_size", "max_new_tokens"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be a positive integer")
     if cfg.baseline == "rloo" and cfg.samples_per_image < 2:
@@ -1087,27 +1120,50 @@ def parse_config(argv=None) -> Config:
             problems.append(f"--{name.replace('_', '-')} must be positive")
     if cfg.kl_coef is not None and not cfg.kl_coef >= 0:  # a negative one would pay for leaving the captioner
         problems.append("--kl-coef must be 0 (off) or positive")
+    try:
+        bad_phrase_regex(cfg.bad_phrases)
+    except re.error as e:
+        problems.append(f"--bad-phrases is not a valid regular expression: {e}")
     if problems:
-        parser.error("; ".join(problems))  # exit code 2
+        raise UsageError("; ".join(problems))
     for key, value in {**PRESETS[cfg.preset], **REWARDS[cfg.reward]}.items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
     if cfg.preset == "paper" and not cfg.images:
-        parser.error("--preset paper needs --images: a folder of training images, or a text file of paths")
-    if cfg.batch_size <= 0 or cfg.max_new_tokens <= 0:
-        parser.error("--batch-size and --max-new-tokens must be positive integers")
+        raise UsageError("--preset paper needs --images: a folder of training images, or a text file of paths")
     if cfg.batch_size % cfg.samples_per_image:
-        parser.error(f"--batch-size {cfg.batch_size} counts captions, so it must be a multiple of "
-                     f"--samples-per-image {cfg.samples_per_image} (images per step x captions per image)")
+        raise UsageError(f"--batch-size {cfg.batch_size} counts captions, so it must be a multiple of "
+                         f"--samples-per-image {cfg.samples_per_image} (images per step x captions per image)")
     if not (cfg.w_clip or cfg.w_itm or cfg.w_ref):
-        parser.error("--w-clip, --w-itm and --w-ref are all 0: there is no reward to learn from")
-    try:
-        re.compile(cfg.bad_phrases)
-    except re.error as e:
-        parser.error(f"--bad-phrases is not a valid regular expression: {e}")
+        raise UsageError("--w-clip, --w-itm and --w-ref are all 0: there is no reward to learn from")
+    world_models = {"policy": "captioner", "itm": "itm", "ref_lm": "ref_lm", "clip": "clip", "judge_clip": "judge_clip"}
+    if cfg.preset == "shapes" and any(getattr(cfg, key) is None for key in world_models):
+        world = load_world(cfg.world, cfg.world_root)  # the world's models fill every model left at None
+        for key, model in world_models.items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, world.path(model))
     baseline = "" if cfg.baseline == "value" else f"-{cfg.baseline}"
     cfg.run_dir = cfg.run_dir or f"runs/{cfg.preset}-{cfg.reward}{baseline}-seed{cfg.seed}"
     return cfg
+
+
+def parse_config(argv=None) -> Config:
+    """The command line -> a resolved Config; a bad value exits with code 2 and says what is wrong."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" and f.default is False:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    try:
+        return resolve_config(Config(**vars(parser.parse_args(argv))))
+    except UsageError as e:
+        parser.error(str(e))  # exit code 2
 
 
 def main(argv=None) -> None:
