@@ -1163,7 +1163,7 @@ def parse_config(argv=None) -> Config:
     try:
         return resolve_config(Config(**vars(parser.parse_args(argv))))
     except UsageError as e:
-        parser.error(str(e))  # exit code 2
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 def main(argv=None) -> None:
