@@ -254,7 +254,6 @@ def attribute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([F.cross_entropy(c, labels[:, j]) for j, c in enumerate(chunks)]).mean()
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Building: tokenizer and the five models
 def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -284,7 +283,9 @@ def _optimizer(params, lr, steps, slow_params=(), slow_lr=None):
     if slow_params:
         groups.append({"params": list(slow_params), "lr": slow_lr})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
-    warm = max(1, steps // 20)  # linear warm-up, then cosine decay
+    # linear warm-up, then cosine decay. Not transformers' get_cosine_schedule_with_warmup: that schedule
+    # differs at every step (up to 0.047 x lr), so it would change every weight of the shipped world
+    warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     return opt, sched

@@ -29,17 +29,18 @@ anywhere as one file, for four line charts, is not worth a plotting library and 
 
 Design choices:
  1. Recall in both directions comes from kernels.retrieval_ranks (rank = gallery items scoring strictly
-    higher than the match). Image-to-text galleries hold identical captions whenever a captioner repeats
-    itself; a tie there would count in the image's favour, and "a circle" for every image would score
-    R@1 = 100%. So identical captions are ranked above the match (ties count against): each of k images
+    higher than the match); text to image is training's validation recall (vlrm.text_to_image_recall).
+    Image-to-text galleries hold identical captions whenever a captioner repeats itself; a tie there
+    would count in the image's favour, and "a circle" for every image would score R@1 = 100%. So
+    identical captions are ranked above the match (ties count against): each of k images
     sharing one caption gets rank >= k - 1.
  2. Attribute checks parse captions with the world's own grammar (shapes.parse_caption, beside the grammar
     that writes them: article, size?, colour?, shape, position?; "on a X background") but tolerate anything
     else: unknown words are skipped, a modifier is bound to the next shape and a position phrase to the
-    shape before it. A named attribute is correct if
-    an object in the scene has it, bound to its shape when that shape is in the scene ("a blue circle" is
-    wrong beside a red circle and a blue square). Hallucination rate = share of named attributes absent
-    from the scene; recall = share of the scene's attributes (4 per object + background) named, bound.
+    shape before it. A named attribute is correct if an object in the scene has it, bound to its shape
+    when that shape is in the scene ("a blue circle" is wrong beside a red circle and a blue square).
+    Hallucination rate = share of named attributes absent from the scene; recall = share of the scene's
+    attributes (4 per object + background) named, bound.
     Pooled over the test set, per kind (shape, colour, size, position, background) and overall. This
     asks whether each attribute exists, not how many objects carry it: design choice 5 counts.
  3. BLEU-4 and CIDEr-D are written out here (about 40 lines) rather than installed: pycocoevalcap is a
@@ -283,21 +284,20 @@ class ClipJudge:
         return None if count is None else vlrm.truncated_share(count, self.model.context_length, captions)
 
 
-def retrieval_ranks(text_emb: torch.Tensor, image_emb: torch.Tensor, text_keys: list):
+def image_to_text_ranks(text_emb: torch.Tensor, image_emb: torch.Tensor, text_keys: list) -> torch.Tensor:
     """(N, D) caption and image embeddings, item i of each belonging to item i of the other, and (N,) text
-    keys (equal for captions the judge reads as one text: ClipJudge.encode_text's) -> (N,) ranks
-    text-to-image and image-to-text, 0 = found first."""
-    t2i = kernels.retrieval_ranks(text_emb, image_emb)
+    keys (equal for captions the judge reads as one text: vlrm.clip_text_embeddings') -> (N,) ranks
+    image-to-text, 0 = found first, identical captions ranked above the match (design choice 1)."""
     i2t = kernels.retrieval_ranks(image_emb, text_emb)
     copies = Counter(text_keys)
-    i2t = i2t + torch.tensor([copies[k] - 1 for k in text_keys], dtype=i2t.dtype, device=i2t.device)  # see 1.
-    return t2i, i2t
+    return i2t + torch.tensor([copies[k] - 1 for k in text_keys], dtype=i2t.dtype, device=i2t.device)
 
 
 def retrieval(text_emb: torch.Tensor, image_emb: torch.Tensor, text_keys: list) -> dict:
-    """CLIP Recall both ways: R@1/5/10 as fractions, median and mean rank (1-based)."""
-    t2i, i2t = retrieval_ranks(text_emb, image_emb, text_keys)
-    return {**{f"t2i/{k}": v for k, v in kernels.recall_at_k(t2i).items()},
+    """CLIP Recall both ways: text to image as training's validation measures it (vlrm.text_to_image_recall),
+    image to text with design choice 1's ties. R@1/5/10 as fractions, median and mean rank (1-based)."""
+    i2t = image_to_text_ranks(text_emb, image_emb, text_keys)
+    return {**{f"t2i/{k}": v for k, v in vlrm.text_to_image_recall(text_emb, image_emb).items()},
             **{f"i2t/{k}": v for k, v in kernels.recall_at_k(i2t).items()}}
 
 

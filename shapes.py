@@ -226,7 +226,6 @@ def rich_caption(scene: Scene) -> str:
     return describe(scene)
 
 
-
 # The parser of the grammar above, for evaluation (eval.py's attribute and CHAIR checks). It reads any
 # caption, not only the grammar's: unknown words are skipped, a modifier binds to the next shape and a
 # position phrase to the shape before it.
@@ -271,7 +270,6 @@ def parse_caption(toks: list[str]) -> tuple[list[dict], list[tuple[str, object]]
 def scene_objects(scene: Scene) -> list[dict]:
     """The scene's objects in parse_caption's terms."""
     return [{"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.cell} for o in scene.objects]
-
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_recall_matches_brute_force_with_ties():
     texts = torch.randn(n, d, generator=gen)
     for i in (3, 30, 60, 90):          # one caption written for four images: identical text embeddings
         captions[i], texts[i] = captions[3], texts[3]
-    t2i, i2t = ev.retrieval_ranks(texts, images, captions)
+    t2i, i2t = vlrm.kernels.retrieval_ranks(texts, images), ev.image_to_text_ranks(texts, images, captions)
     assert torch.equal(t2i, brute_force_ranks(texts, images, ties_against=False))
     assert torch.equal(i2t, brute_force_ranks(images, texts, ties_against=True))
     assert i2t[[3, 30, 60, 90]].min() >= 3  # each of four images sharing a caption ranks at best 4th

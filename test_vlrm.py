@@ -276,15 +276,22 @@ def test_kl_penalty_measures_the_move_away_from_the_base(world):
     assert not torch.equal(base.language_projection.weight, model.language_projection.weight)
 
 
-def test_kl_penalty_is_charged_not_paid():
-    """Design choice 8: every sampled token pays kl_coef * (log pi - log pi_base). With c = 0.5, a log ratio
-    of 1 at every token and no other penalty, R(t_k) falls by 0.5 per remaining token; R(t_1) = r - 0.5 T."""
+def test_kl_penalty_is_charged_not_paid(world_root, world, tmp_path):
+    """Design choice 8: every sampled token pays kl_coef * (log pi - log pi_base). With c = 0.5 and a log
+    ratio of 1 at every token, R(t_k) falls by 0.5 per remaining token. In train(), each logged return is
+    the reward less every penalty the caption paid, the KL charge with them; the charge is 0 until the
+    policy moves, and not after its first update."""
     mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])  # the second caption: 2 tokens
-    none = torch.zeros_like(mask)
-    penalty = vlrm.token_penalty(none, none, torch.ones_like(mask) * mask, w_bad=2.0, w_repeat=1.0, kl_coef=0.5)
-    returns = vlrm.returns_to_go(torch.tensor([3.0, 3.0]), penalty, mask)
+    returns = vlrm.returns_to_go(torch.tensor([3.0, 3.0]), 0.5 * torch.ones_like(mask), mask)
     assert returns.tolist() == [[1.0, 1.5, 2.0, 2.5], [2.0, 2.5, 0.0, 0.0]]
-    assert torch.equal(vlrm.token_penalty(none, none, None, 2.0, 1.0, 0.5), none)  # no base model: no charge
+    run = tmp_path / "r"
+    vlrm.train(vlrm.parse_config(train_args(world_root, run, 3, "--value-warmup", "0", "--log-every", "1",
+                                            "--kl-coef", "0.5", "--w-bad", "2", "--w-repeat", "1")))
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "charts/return" in l]
+    for m in lines:
+        paid = 2 * m["penalty/bad"] + m["penalty/repeat"] + 0.5 * m["penalty/kl"]
+        assert m["charts/return"] == pytest.approx(m["reward/sequence"] - paid, abs=1e-4)
+    assert lines[0]["penalty/kl"] == 0 and all(m["penalty/kl"] != 0 for m in lines[1:])
 
 
 def test_training_and_evaluation_charge_the_same_words_and_phrases():
@@ -303,6 +310,7 @@ def test_training_and_evaluation_charge_the_same_words_and_phrases():
     stats = evaluation.caption_stats([caption])
     assert stats["bad_phrase"] == 1.0 and stats["repeat_3gram"] == 1.0 and stats["loop_3gram"] == 0.0
     assert stats["words"] == 9 == len(vlrm.words(caption))
+    assert vlrm.words("A café's sign_post") == ["a", "café", "s", "sign", "post"]  # letters or digits, any script
     clean = evaluation.caption_stats(["a red circle with a blue cross"])
     assert clean["bad_phrase"] == clean["repeat_3gram"] == 0.0
 
@@ -418,7 +426,7 @@ def test_truth_of_partial_captions():
 
 
 def test_detailed_captions_show_the_contexts_rl_leads_to():
-    """shapes.py design choice 5: the captioner's detailed half names the small objects in either order,
+    """build_world.py's design choice 5: the captioner's detailed half names the small objects in either order,
     each object's position on its own, and every object in about half the captions (+ 1/3 x the rest)."""
     O, rng = shapes.Obj, random.Random(0)
     scene = shapes.Scene((O("cross", "orange", "large", 0), O("circle", "blue", "small", 2),
@@ -449,7 +457,7 @@ def test_negatives_are_false_and_as_long_as_positives():
 
 
 def test_binding_twins_move_one_attribute_between_objects():
-    """shapes.py design choice 9: a twin holds the same objects' attributes, one of them moved to another object;
+    """build_world.py's design choice 9: a twin holds the same objects' attributes, one of them moved to another object;
     the same describe() options give each a caption that is false of the other."""
     O, S, rng = shapes.Obj, shapes.Scene, random.Random(0)
     assert build_world.move_attribute(S((O("cross", "orange", "large", 4),), "white"), rng) is None
@@ -498,11 +506,14 @@ def test_binding_probes_move_one_attribute_of_the_first_two_objects():
         "a large orange cross at top right on a white background with a small blue circle at top left")
 
 
-def test_saved_processors_normalise_as_the_build_did(world):
-    """A run normalises with the processors saved beside the models; the build trained them on shapes.MEAN/STD."""
+def test_the_normaliser_is_the_saved_processors(world):
+    """vlrm.normalizer, which the build trained every model with, equals what the processors saved beside the
+    models compute through the library (PIL in, no resize at the world's size), and a run uses it too."""
     images = np.array(world.images("test")[:4])
     for model in ("captioner", "itm"):
         processor = vlrm.Blip2Processor.from_pretrained(world.path(model))
+        library = processor(images=[vlrm.Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
+        assert torch.allclose(pixels(images), library, atol=1e-5)
         assert torch.equal(vlrm.processor_normalizer(processor, "cpu")(torch.from_numpy(images)), pixels(images))
 
 
@@ -557,7 +568,7 @@ def test_blip2_vision_is_the_reward_clips_image_tower(world):
 
 
 def test_captioner_fine_tunes_its_opt_and_the_reference_lm_stays(world):
-    """shapes.py design choice 3: the captioner's OPT starts as the reference LM and learns with the
+    """build_world.py's design choice 3: the captioner's OPT starts as the reference LM and learns with the
     Q-Former; the reference LM is saved before that, so it still scores text as a text-only LM."""
     policy, _ = vlrm.load_policy(world.path("captioner"))
     ours, ref = policy.language_model.state_dict(), vlrm._load(OPTForCausalLM, world.path("ref_lm")).state_dict()
@@ -567,7 +578,7 @@ def test_captioner_fine_tunes_its_opt_and_the_reference_lm_stays(world):
 
 
 def test_lm_prefix_puts_the_background_first_as_caption_tokens(world):
-    """shapes.py design choice 2: the reference LM's prefix holds the caption's content words, background
+    """build_world.py's design choice 2: the reference LM's prefix holds the caption's content words, background
     first, each the very token the caption uses for it."""
     tok = PreTrainedTokenizerFast.from_pretrained(world.path("ref_lm"))
     caption = "a red circle at top left on a grey background with a blue cross"

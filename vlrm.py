@@ -323,17 +323,12 @@ def ref_lm_score(lm, tokenizer, captions) -> torch.Tensor:
 # The method, 3: penalties, returns, baselines and the losses of steps 2 and 3. Sums over torchrun's
 # ranks are the `total` argument (all_sum in train(); the identity in one process), so that the figures
 # are those of the combined batch.
-WORD = re.compile(r"[a-z0-9]+", re.IGNORECASE)  # what a word is: "Cat's" holds the words cat and s
+WORD = re.compile(r"[^\W_]+")  # what a word is: a run of letters or digits, any script ("Cat's": cat, s)
 
 
 def words(text: str) -> list[str]:
     """A text's words, lower-cased: what the repetition penalty counts, and every text metric of eval.py."""
     return [w.lower() for w in WORD.findall(text)]
-
-
-def mean_words(captions: list[str]) -> float:
-    """Mean words per caption: charts/caption_len, val/caption_len and eval.py's words per caption."""
-    return float(np.mean([len(words(c)) for c in captions]))
 
 
 def bad_phrase_regex(pattern: str) -> re.Pattern:
@@ -372,13 +367,6 @@ def penalties(tokens, mask, tokenizer, bad_regex: re.Pattern, ngram: int) -> tup
         for end in repeat_ends:  # the token that completes the word
             repeat[b, int(np.searchsorted(ends, end))] = 1.0
     return bad, repeat
-
-
-def token_penalty(bad, repeat, log_ratio, w_bad: float, w_repeat: float, kl_coef: float) -> torch.Tensor:
-    """penalty(s) (B, T) of design choice 2: w_bad * bad + w_repeat * repeat, plus the KL charge of choice 8,
-    kl_coef * (log pi - log pi_base) at every sampled token (log_ratio None: no charge)."""
-    penalty = w_bad * bad + w_repeat * repeat
-    return penalty if log_ratio is None else penalty + kl_coef * log_ratio
 
 
 def returns_to_go(sequence_reward, penalty, mask) -> torch.Tensor:
@@ -509,21 +497,23 @@ def train(cfg: Config) -> Path:
                 image_embeds = policy.vision_model(to_pixels(images).to(dtype)).last_hidden_state  # frozen ViT, once
 
             # step 1: rollout, returns and the advantage ---------------------------------------------
-            update_actor = step > first_actor_step  # during the critic's warm-up, no actor graph is built
-            with torch.set_grad_enabled(update_actor):  # step 3 backpropagates through prefix and hidden
+            update_actor = step > first_actor_step  # the critic's warm-up builds no actor graph
+            with torch.set_grad_enabled(update_actor):  # step 3 backpropagates into the prefix
                 prefix = soft_prefix(policy, image_embeds)  # (B, Q, H)
-                tokens, mask = rollout(policy, prefix, cfg.max_new_tokens)  # (B, T) each; reads the prefix detached
-                hidden = caption_states(policy, prefix, tokens)  # (B, T, H), grad into the Q-Former
-                valid = mask.bool()
-                # log pi(t_k) (N,) of the valid tokens, once: for the KL charge and for step 3
-                logp, entropy = kernels.fused_logprob(hidden[valid], lm_head, tokens[valid], with_entropy=True)
+            tokens, mask = rollout(policy, prefix, cfg.max_new_tokens)  # (B, T) each; reads the prefix detached
             captions = [c.strip() for c in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
             parts = {name: fn(images, captions).float().cpu() for name, fn in rewards.items()}  # each (B,)
             sequence_reward = sum(weights[name] * r for name, r in parts.items())  # (B,)
             bad, repeat = penalties(tokens.cpu(), mask.cpu(), tokenizer, bad_regex, cfg.repeat_ngram)  # (B, T) each
-            log_ratio = (log_ratio_to_base(base, image_embeds, tokens, mask, logp, lm_head).cpu()
-                         if base is not None else None)  # (B, T): design choice 8
-            penalty = token_penalty(bad, repeat, log_ratio, cfg.w_bad, cfg.w_repeat, cfg.kl_coef)
+            penalty = cfg.w_bad * bad + cfg.w_repeat * repeat
+            with torch.set_grad_enabled(update_actor):
+                hidden = caption_states(policy, prefix, tokens)  # (B, T, H), grad into the Q-Former
+                valid = mask.bool()
+                # log pi(t_k) and the entropy (N,) at the valid tokens, once: the KL charge and step 3 use them
+                logp, entropy = kernels.fused_logprob(hidden[valid], lm_head, tokens[valid], with_entropy=True)
+            if base is not None:  # design choice 8
+                log_ratio = log_ratio_to_base(base, image_embeds, tokens, mask, logp, lm_head).cpu()  # (B, T)
+                penalty = penalty + cfg.kl_coef * log_ratio
             returns = returns_to_go(sequence_reward, penalty, mask.cpu()).to(device)  # R(t_k) (B, T)
             values = value_head(hidden.detach()) if value_head is not None else None  # V(s_k), before step 2
             if cfg.baseline == "value":
@@ -1058,11 +1048,16 @@ def clip_text_embeddings(model, tokenizer, captions, batch: int = 256) -> tuple[
     return emb[keys.to(emb.device)], keys.tolist()
 
 
+def text_to_image_recall(text_emb, image_emb) -> dict:
+    """CLIP Recall, text to image: caption i (N, D) must find its own image i (N, D) among all of them.
+    -> R@1, R@5, R@10 (fractions), median and mean rank."""
+    return kernels.recall_at_k(kernels.retrieval_ranks(text_emb, image_emb))
+
+
 def clip_recall(model, tokenizer, to_pixels, images, captions) -> dict:
-    """The judge's CLIP Recall, text to image: each caption must find its own image among all of them.
-    -> {"R@1", "R@5", "R@10"}, fractions."""
+    """The judge's R@K of captions of uint8 images (N, S, S, 3): text_to_image_recall of their embeddings."""
     text_emb = clip_text_embeddings(model, tokenizer, captions)[0]
-    return kernels.recall_at_k(kernels.retrieval_ranks(text_emb, clip_image_embeddings(model, to_pixels, images)))
+    return text_to_image_recall(text_emb, clip_image_embeddings(model, to_pixels, images))
 
 
 def validate(policy, tokenizer, to_pixels, images, recalls, max_new_tokens) -> tuple[dict, list[str]]:
@@ -1074,6 +1069,11 @@ def validate(policy, tokenizer, to_pixels, images, recalls, max_new_tokens) -> t
         r = recall(images, captions)
         val.update({f"val/{name}_r1": r["R@1"], f"val/{name}_r5": r["R@5"]})
     return {**val, "val/caption_len": mean_words(captions)}, captions
+
+
+def mean_words(captions: list[str]) -> float:
+    """Mean words per caption: charts/caption_len, val/caption_len and eval.py's words per caption."""
+    return float(np.mean([len(words(c)) for c in captions]))
 
 
 def append_metrics(run_dir: Path, metrics: dict) -> None:
