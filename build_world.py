@@ -1,5 +1,5 @@
-"""build_world.py: train the miniature world's five models. Only a rebuild imports this file; a run loads
-the world that shapes.py describes and the repository ships.
+"""build_world.py: train the miniature world's five models. A run never imports this file: it loads the
+world that shapes.py describes and the repository ships. A rebuild, the tests and bench_paper.py do.
 
 From the scenes of shapes.py it trains, on a CPU, in one deterministic pass (about 27 minutes on 2 cores for
 the default world): the reference OPT, the reward CLIP (whose image tower becomes BLIP-2's ViT), the
