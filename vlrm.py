@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -702,6 +703,7 @@ def clip_normalizer(model, device):
                       v.image_size[0], device)
 
 
+@functools.cache  # checked once per process: resolve_config wants its model folders, train() its images
 def load_world(name: str, root: str | None = None) -> shapes.World:
     """The miniature world `name` (--world, --world-root), or a UsageError that says how to build it."""
     try:
